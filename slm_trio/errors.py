@@ -1,0 +1,105 @@
+"""The exceptions slm_trio raises.
+
+Every error the library raises on purpose derives from `SlmTrioError`. The
+server maps these classes to gRPC status codes in one place
+(`slm_trio.server._status`); the client maps status codes back to them.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "InvalidTensorError",
+    "LoadCancelledError",
+    "ManagerClosedError",
+    "ModelCapacityError",
+    "ModelConflictError",
+    "ModelLoadError",
+    "ModelLoadingError",
+    "ModelNotFoundError",
+    "ModelUnloadingError",
+    "RemoteError",
+    "SessionError",
+    "SessionBudgetError",
+    "SlmTrioError",
+    "UnsupportedArchitectureError",
+]
+
+
+class SlmTrioError(Exception):
+    """Base class of every error slm_trio raises on purpose."""
+
+
+class ConfigError(SlmTrioError, ValueError):
+    """Raised when a `ModelConfig` or `ServerConfig` field has an invalid value."""
+
+
+class ModelNotFoundError(SlmTrioError, LookupError):
+    """Raised when a request names a model id that the manager does not hold."""
+
+
+class ModelLoadingError(SlmTrioError):
+    """Raised when a request names a model that is still loading; retry later.
+
+    `retry_after` is a suggested wait in seconds.
+    """
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelUnloadingError(SlmTrioError):
+    """Raised when a request names a model that is being unloaded."""
+
+
+class ModelConflictError(SlmTrioError):
+    """Raised when `load_model` names a READY id with a different config."""
+
+
+class ModelCapacityError(SlmTrioError):
+    """Raised when a load cannot make room because every model is leased or loading."""
+
+
+class ModelLoadError(SlmTrioError):
+    """Raised when loading a model fails; the cause is chained as `__cause__`."""
+
+
+class LoadCancelledError(SlmTrioError):
+    """Raised inside a loader thread whose load was cancelled, to stop it early."""
+
+
+class ManagerClosedError(SlmTrioError):
+    """Raised when a manager that has been shut down is used."""
+
+
+class CheckpointError(ModelLoadError):
+    """Raised when a checkpoint is missing tensors, has unexpected ones, or is unsafe."""
+
+
+class UnsupportedArchitectureError(ModelLoadError):
+    """Raised when a checkpoint's `model_type` has no split adapter."""
+
+
+class InvalidTensorError(SlmTrioError, ValueError):
+    """Raised when a tensor on the wire or in a request is malformed."""
+
+
+class SessionError(SlmTrioError, LookupError):
+    """Raised when a generation session id is unknown, closed or expired."""
+
+
+class SessionBudgetError(SlmTrioError):
+    """Raised when opening or growing a session would exceed the server's cached-token budget."""
+
+
+class RemoteError(SlmTrioError):
+    """Raised by the client for a server error that maps to no more specific class.
+
+    `code` is the gRPC status name, for example ``"INTERNAL"``.
+    """
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
