@@ -41,3 +41,17 @@ def typecheck(session: nox.Session) -> None:
     """Run mypy in strict mode on the package."""
     _install(session, "test", "dev")
     session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def protos(session: nox.Session) -> None:
+    """Regenerate slm_trio/_proto/v1 from the .proto files under protos/."""
+    _install(session, "dev")
+    session.run("python", "protos/generate.py")
+
+
+@nox.session(python=PYTHON)
+def protos_check(session: nox.Session) -> None:
+    """Fail if the committed generated modules differ from freshly generated ones."""
+    _install(session, "dev")
+    session.run("python", "protos/generate.py", "--check")

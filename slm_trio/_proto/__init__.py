@@ -1,0 +1,1 @@
+"""Generated protobuf and grpclib modules; regenerate with `python protos/generate.py`."""

@@ -1,0 +1,1 @@
+"""Generated modules of the slm_trio.v1 wire contract; do not edit by hand."""
