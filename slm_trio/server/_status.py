@@ -1,0 +1,133 @@
+"""The one place where a handler's exception becomes a gRPC status.
+
+Every handler runs inside `map_errors` (or is decorated with `handle_errors`):
+
+- an slm_trio error with a mapping (see `slm_trio._status_map`) ends the call
+  with its status, its message and the ``slm-error`` / ``retry-after-ms``
+  trailing metadata;
+- a `GRPCError` raised on purpose, and grpclib's `StreamTerminatedError` for a
+  stream the client reset, pass through to grpclib unchanged;
+- anything else ends the call with INTERNAL and a generic message with an
+  error id. The traceback goes to the server log under the same id;
+- cancellation (`asyncio.CancelledError`, `trio.Cancelled`) and other
+  `BaseException`s are never caught.
+
+An exception group with exactly one exception in it is treated as that exception,
+so a handler whose trio code raised through a nursery still gets a precise status.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any, TypeVar
+
+import h2.exceptions
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.server import Stream
+
+from slm_trio._status_map import ErrorStatus, status_for_error
+
+__all__ = ["handle_errors", "map_errors"]
+
+logger = logging.getLogger(__name__)
+
+_Service = TypeVar("_Service")
+_Handler = Callable[[_Service, Any], Awaitable[None]]
+
+
+def map_errors(stream: Stream[Any, Any], *, method: str) -> AbstractAsyncContextManager[None]:
+    """Return an async context manager that ends the call with the status an exception maps to.
+
+    Args:
+        stream: The handler's grpclib stream, used to send the status.
+        method: The method name for the log, for example ``"Compute.Forward"``.
+    """
+    return _ErrorMapper(stream, method=method)
+
+
+class _ErrorMapper(AbstractAsyncContextManager[None]):
+    def __init__(self, stream: Stream[Any, Any], *, method: str) -> None:
+        self._stream = stream
+        self._method = method
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        if exc is None or not isinstance(exc, Exception):
+            return False
+        error = _single_exception(exc)
+        if isinstance(error, (GRPCError, StreamTerminatedError)):
+            if error is exc:
+                return False
+            raise error from exc
+
+        reply = status_for_error(error)
+        if reply is None:
+            reply = self._internal_error(exc)
+        else:
+            logger.debug(
+                "rpc.failed method=%s status=%s error=%r",
+                self._method,
+                reply.status.name,
+                error,
+            )
+        await self._send(reply)
+        return True
+
+    def _internal_error(self, exc: BaseException) -> ErrorStatus:
+        error_id = secrets.token_hex(4)
+        logger.error(
+            "rpc.internal_error method=%s error_id=%s", self._method, error_id, exc_info=exc
+        )
+        return ErrorStatus(
+            status=Status.INTERNAL,
+            message=f"internal server error (error id {error_id}); the server log has the details",
+        )
+
+    async def _send(self, reply: ErrorStatus) -> None:
+        try:
+            await self._stream.send_trailing_metadata(
+                status=reply.status, status_message=reply.message, metadata=reply.metadata
+            )
+        except (ProtocolError, h2.exceptions.StreamClosedError) as send_error:
+            # The handler already ended the call, or the client went away.
+            logger.debug(
+                "rpc.status_not_sent method=%s status=%s error=%r",
+                self._method,
+                reply.status.name,
+                send_error,
+            )
+
+
+def handle_errors(handler: _Handler[_Service]) -> _Handler[_Service]:
+    """Decorate a grpclib handler method so that its exceptions go through `map_errors`.
+
+    The log names the method by its qualified name, for example ``ComputeService.Forward``.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(self: _Service, stream: Stream[Any, Any]) -> None:
+        async with map_errors(stream, method=handler.__qualname__):
+            await handler(self, stream)
+
+    return wrapper
+
+
+def _single_exception(exc: Exception) -> Exception:
+    """Return the only exception inside nested exception groups, or ``exc`` itself."""
+    current: Exception = exc
+    while isinstance(current, ExceptionGroup) and len(current.exceptions) == 1:
+        current = current.exceptions[0]
+    return current
