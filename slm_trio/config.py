@@ -113,7 +113,9 @@ class ModelConfig:
                 "letters, digits and . _ : / -, starting with a letter or digit"
             )
         if not isinstance(self.model_path, str) or not self.model_path:
-            raise ConfigError(f"model_path={self.model_path!r} is invalid; expected a non-empty path")
+            raise ConfigError(
+                f"model_path={self.model_path!r} is invalid; expected a non-empty path"
+            )
         _check_choice("model_format", self.model_format, get_args(ModelFormat))
         _check_choice("part", self.part, get_args(Part))
         _check_choice("dtype", self.dtype, get_args(DType))
@@ -212,7 +214,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
-            raise ConfigError(f"host={self.host!r} is invalid; expected an address such as '127.0.0.1'")
+            raise ConfigError(
+                f"host={self.host!r} is invalid; expected an address such as '127.0.0.1'"
+            )
         for name in ("port", "metrics_port"):
             value = getattr(self, name)
             if name == "metrics_port" and value is None:
@@ -243,16 +247,16 @@ class ServerConfig:
         models = self.models
         if isinstance(models, list):
             models = tuple(models)
-        converted = tuple(
-            ModelConfig.from_dict(m) if isinstance(m, Mapping) else m for m in models
-        )
+        converted = tuple(ModelConfig.from_dict(m) if isinstance(m, Mapping) else m for m in models)
         for i, model in enumerate(converted):
             if not isinstance(model, ModelConfig):
                 raise ConfigError(f"models[{i}]={model!r} is invalid; expected a model config")
         ids = [m.model_id for m in converted]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
-            raise ConfigError(f"models has duplicate model_id(s) {', '.join(map(repr, duplicates))}")
+            raise ConfigError(
+                f"models has duplicate model_id(s) {', '.join(map(repr, duplicates))}"
+            )
         object.__setattr__(self, "models", converted)
 
     @property
@@ -280,22 +284,23 @@ class ServerConfig:
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or TOML file into a dict, with errors that name the file."""
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(
+            f"config file {str(path)!r} has an unknown suffix {suffix!r}; use .yaml, .yml or .toml"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r} could not be read: {exc.strerror}") from exc
-    suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
             data: Any = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
         else:
-            raise ConfigError(
-                f"config file {str(path)!r} has an unknown suffix {suffix!r}; use .yaml, .yml or .toml"
-            )
+            data = yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid {suffix[1:].upper()}: {exc}") from exc
+        kind = "TOML" if suffix == ".toml" else "YAML"
+        raise ConfigError(f"config file {str(path)!r} is not valid {kind}: {exc}") from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):

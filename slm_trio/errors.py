@@ -16,12 +16,13 @@ __all__ = [
     "ModelCapacityError",
     "ModelConflictError",
     "ModelLoadError",
+    "ModelLoadTimeoutError",
     "ModelLoadingError",
     "ModelNotFoundError",
     "ModelUnloadingError",
     "RemoteError",
-    "SessionError",
     "SessionBudgetError",
+    "SessionError",
     "SlmTrioError",
     "UnsupportedArchitectureError",
 ]
@@ -103,3 +104,7 @@ class RemoteError(SlmTrioError):
     def __init__(self, message: str, *, code: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class ModelLoadTimeoutError(ModelLoadError, TimeoutError):
+    """Raised when a load takes longer than its `load_timeout`."""
