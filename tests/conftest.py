@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 from collections.abc import Callable
 from pathlib import Path
@@ -11,9 +12,17 @@ import pytest
 
 
 @pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    """Run each `@pytest.mark.anyio` test once on asyncio and once on trio."""
-    return str(request.param)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    """Run each `@pytest.mark.anyio` test once on asyncio and once on trio.
+
+    Importing trio_asyncio, as hosting the server under trio does, replaces
+    ``asyncio.new_event_loop`` for the whole process, so asyncio tests that run
+    later would get trio-asyncio's loop. The explicit loop factory keeps them on
+    a plain asyncio loop.
+    """
+    if request.param == "asyncio":
+        return "asyncio", {"loop_factory": asyncio.SelectorEventLoop}
+    return "trio", {}
 
 
 # Tiny random-weight causal LMs, one per supported family, all with 4 layers, hidden size 32,
