@@ -24,6 +24,7 @@ from grpclib.exceptions import GRPCError
 from slm_trio import errors
 from slm_trio.errors import (
     ConfigError,
+    DeadlineExceededError,
     InvalidTensorError,
     LoadCancelledError,
     ManagerClosedError,
@@ -34,9 +35,12 @@ from slm_trio.errors import (
     ModelNotFoundError,
     ModelUnloadingError,
     RemoteError,
+    ServerUnavailableError,
     SessionBudgetError,
     SessionError,
+    SessionStepError,
     SlmTrioError,
+    UnsupportedRequestError,
 )
 
 __all__ = [
@@ -55,6 +59,8 @@ RETRY_AFTER_KEY = "retry-after-ms"
 _STATUS_BY_CLASS: dict[type, Status] = {
     ModelNotFoundError: Status.NOT_FOUND,
     SessionError: Status.NOT_FOUND,
+    # The session exists, but the step does not follow the previous one.
+    SessionStepError: Status.FAILED_PRECONDITION,
     ModelLoadingError: Status.UNAVAILABLE,
     ModelUnloadingError: Status.UNAVAILABLE,
     # The server is shutting down, so another server (or a later retry) can succeed.
@@ -69,6 +75,11 @@ _STATUS_BY_CLASS: dict[type, Status] = {
     # A load failed because of the model's files or config (missing tensors, an
     # unsupported architecture, a timeout). Retrying the same load fails the same way.
     ModelLoadError: Status.FAILED_PRECONDITION,
+    # Client-side errors, mapped so that a proxy or a test server can send them on.
+    ServerUnavailableError: Status.UNAVAILABLE,
+    DeadlineExceededError: Status.DEADLINE_EXCEEDED,
+    # The model exists but cannot serve this kind of request.
+    UnsupportedRequestError: Status.FAILED_PRECONDITION,
 }
 
 _CLASSES_BY_NAME: dict[str, type[SlmTrioError]] = {

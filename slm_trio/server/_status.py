@@ -7,6 +7,8 @@ Every handler runs inside `map_errors` (or is decorated with `handle_errors`):
   trailing metadata;
 - a `GRPCError` raised on purpose, and grpclib's `StreamTerminatedError` for a
   stream the client reset, pass through to grpclib unchanged;
+- a request message that protobuf cannot decode ends the call with
+  INVALID_ARGUMENT;
 - anything else ends the call with INTERNAL and a generic message with an
   error id. The traceback goes to the server log under the same id;
 - cancellation (`asyncio.CancelledError`, `trio.Cancelled`) and other
@@ -27,6 +29,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import h2.exceptions
+from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.server import Stream
@@ -74,6 +77,12 @@ class _ErrorMapper(AbstractAsyncContextManager[None]):
             raise error from exc
 
         reply = status_for_error(error)
+        if reply is None and isinstance(error, DecodeError):
+            reply = ErrorStatus(
+                status=Status.INVALID_ARGUMENT,
+                message=f"the request message could not be decoded: {error}; "
+                "check that the client uses the slm_trio.v1 protos",
+            )
         if reply is None:
             reply = self._internal_error(exc)
         else:
