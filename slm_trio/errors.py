@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "DeadlineExceededError",
     "InvalidTensorError",
     "LoadCancelledError",
     "ManagerClosedError",
@@ -21,10 +22,13 @@ __all__ = [
     "ModelNotFoundError",
     "ModelUnloadingError",
     "RemoteError",
+    "ServerUnavailableError",
     "SessionBudgetError",
     "SessionError",
+    "SessionStepError",
     "SlmTrioError",
     "UnsupportedArchitectureError",
+    "UnsupportedRequestError",
 ]
 
 
@@ -108,3 +112,27 @@ class RemoteError(SlmTrioError):
 
 class ModelLoadTimeoutError(ModelLoadError, TimeoutError):
     """Raised when a load takes longer than its `load_timeout`."""
+
+
+class UnsupportedRequestError(SlmTrioError):
+    """Raised when a request asks a model for something it cannot do.
+
+    For example a generation session on a model without a KV cache, or hidden
+    states sent to a bottom part, which takes token ids.
+    """
+
+
+class ServerUnavailableError(SlmTrioError, ConnectionError):
+    """Raised by a client when the server cannot be reached or the connection breaks mid-call.
+
+    The connection was refused, reset or closed, so the request may or may not have run.
+    Retrying later may succeed.
+    """
+
+
+class DeadlineExceededError(SlmTrioError, TimeoutError):
+    """Raised by a client when a call's timeout or an overall deadline expires."""
+
+
+class SessionStepError(SessionError):
+    """Raised when a session step arrives out of order or while the previous one runs."""
