@@ -67,6 +67,9 @@ def encode_tensor(tensor: torch.Tensor, *, name: str = "tensor") -> tensor_pb2.T
 
     Raises:
         InvalidTensorError: if the dtype has no wire code; ``name`` names the tensor.
+
+    NOTE: the copy from an accelerator is covered by a test that runs only where
+    CUDA is available, and no such machine has run it yet.
     """
     code = _CODE_FROM_DTYPE.get(tensor.dtype)
     if code is None:

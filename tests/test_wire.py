@@ -88,6 +88,15 @@ def test_encode_non_contiguous() -> None:
         assert torch.equal(decoded, view)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_encode_cuda_tensor() -> None:
+    tensor = torch.randn(4, 6, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    view = tensor.t()  # non-contiguous, on the device, requires grad
+    decoded = _roundtrip(view)
+    assert decoded.device.type == "cpu"
+    assert torch.equal(decoded, view.detach().cpu())
+
+
 def test_encode_unsupported_dtype() -> None:
     with pytest.raises(InvalidTensorError, match=r"grad_input has dtype torch\.float64"):
         encode_tensor(torch.zeros(2, dtype=torch.float64), name="grad_input")
