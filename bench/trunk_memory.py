@@ -114,7 +114,7 @@ def main() -> None:
         type=int,
         nargs=2,
         default=(4, 26),
-        help="the trunk split points s1 s2: the trunk holds layers [s1, s2) of 30",
+        help="the trunk split points s1 s2: the trunk contains layers [s1, s2) of 30",
     )
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     arguments = parser.parse_args()

@@ -41,7 +41,13 @@ import torch
 from gguf import MODEL_ARCH_NAMES, GGUFReader, dequantize, get_tensor_name_map
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 from transformers.modeling_gguf_pytorch_utils import (
     TENSOR_PROCESSORS,
     TensorProcessor,
@@ -134,6 +140,7 @@ def load_model(config: ModelConfig, progress: ProgressCallback | None = None) ->
 
     if config.part == "full":
         _finish_whole_model(whole, device)
+        _load_generation_config(whole, config, path, model_format)
     target.eval()
     logger.info(
         "model.load.done model_id=%s part=%s format=%s layers=%s tensors=%d bytes=%d "
@@ -314,6 +321,26 @@ def _finish_whole_model(model: nn.Module, device: torch.device) -> None:
     leftover = [name for name, tensor in model.state_dict(keep_vars=True).items() if tensor.is_meta]
     if leftover:
         raise CheckpointError(f"tensors {_format_names(leftover)} were not loaded")
+
+
+def _load_generation_config(model: Any, config: ModelConfig, path: Path, model_format: str) -> None:
+    """Use the checkpoint's ``generation_config.json`` (EOS tokens, defaults), if it has one."""
+    if model_format == "gguf":
+        return
+    if config.config_path is not None:
+        directory = Path(config.config_path)
+    else:
+        directory = path if path.is_dir() else path.parent
+    if not directory.is_dir():
+        directory = directory.parent
+    if not (directory / "generation_config.json").is_file():
+        return
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(directory))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"generation config in {str(directory)!r} could not be read: {exc}"
+        ) from exc
 
 
 # Checkpoint readers ------------------------------------------------------------------------

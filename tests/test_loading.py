@@ -163,6 +163,18 @@ def test_full_load_ties_embeddings(tiny_model_dirs: dict[str, Path]) -> None:
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_full_load_reads_generation_config(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    whole = load_whole(tiny_model_dirs["llama"])
+    whole.generation_config.max_new_tokens = 7
+    whole.save_pretrained(tmp_path)
+
+    model = load_model(ModelConfig(model_id="full", model_path=str(tmp_path)))
+
+    assert model.generation_config.max_new_tokens == 7
+
+
 def test_trunk_reads_only_its_tensors(
     tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ from slm_trio.split import (
     ModelPart,
     PartCache,
     SplitModel,
+    build_part,
     family_for,
     part_layer_ranges,
     split_model,
@@ -445,3 +446,12 @@ def test_registry_lists_families() -> None:
     assert supported_model_types() == ("gpt2", "llama", "mistral", "qwen2")
     assert family_for("qwen2").name == "llama"
     assert part_layer_ranges((1, 3), 4) == {"bottom": (0, 1), "trunk": (1, 3), "top": (3, 4)}
+
+
+def test_build_part_defaults_to_sdpa(tiny_config: Callable[..., Any]) -> None:
+    config = tiny_config("llama")
+
+    part = build_part(config, "trunk", (1, 3), dtype=torch.float32, device=torch.device("cpu"))
+
+    assert config._attn_implementation is None
+    assert part.config._attn_implementation == "sdpa"

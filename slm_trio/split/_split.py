@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +92,8 @@ def build_part(
     """Build a part skeleton: parameters on the meta device, buffers on ``device``.
 
     The caller assigns the weights, for example with
-    ``part.load_state_dict(tensors, assign=True)``. The part is in eval mode.
+    ``part.load_state_dict(tensors, assign=True)``. The part is in eval mode. A config whose
+    attention implementation is unset gets ``"sdpa"``.
 
     Raises:
         UnsupportedArchitectureError: ``config.model_type`` has no split adapter.
@@ -106,6 +108,11 @@ def build_part(
             f"layer_range={layer_range!r} is invalid for a {kind} part of a model with "
             f"{total} layers; a bottom starts at 0, a top stops at {total}"
         )
+    if getattr(config, "_attn_implementation", None) is None:
+        # A config that no model has resolved yet: without an implementation, transformers
+        # builds no causal mask at all. "sdpa" is what transformers picks on CPU.
+        config = copy.deepcopy(config)
+        config._attn_implementation = "sdpa"
     # The device context only affects this thread, so concurrent loads in other threads
     # still allocate normally.
     with torch.device("meta"):
