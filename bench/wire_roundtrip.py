@@ -175,37 +175,59 @@ def _time_grpcio(port: int, tensor: torch.Tensor, warmup: int, samples: int) -> 
     return latencies
 
 
-def measure(kind: str, *, quick: bool) -> dict[str, dict[str, float]]:
-    """Start the ``kind`` server in a subprocess and time every payload size against it."""
-    with subprocess.Popen(
+def _start_server(kind: str) -> tuple[subprocess.Popen[str], int]:
+    server = subprocess.Popen(
         [sys.executable, __file__, "--serve", kind],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-    ) as server:
-        assert server.stdin is not None and server.stdout is not None
-        try:
-            port = int(server.stdout.readline())
-            results = {}
+    )
+    assert server.stdout is not None
+    return server, int(server.stdout.readline())
+
+
+def _time_batch(kind: str, port: int, tensor: torch.Tensor, samples: int) -> list[float]:
+    warmup = 3
+    if kind == "grpcio":
+        return _time_grpcio(port, tensor, warmup, samples)
+    return asyncio.run(_time_grpclib(port, tensor, warmup, samples))
+
+
+def measure(*, quick: bool, rounds: int = 5) -> dict[str, dict[str, dict[str, float]]]:
+    """Time every server and payload size; return the figures by server, then payload.
+
+    All servers run at once, idle between batches. Each round times one batch per
+    payload size and server in turn, so that load from other processes on the
+    machine spreads over all servers instead of skewing one.
+    """
+    servers = {kind: _start_server(kind) for kind in SERVERS}
+    latencies: dict[str, dict[str, list[float]]] = {kind: {} for kind in SERVERS}
+    try:
+        for _ in range(rounds):
             for label, payload_bytes in SIZES.items():
                 tensor = torch.randn(payload_bytes // 4)  # [elements] float32
-                samples = max(20, (2000 if not quick else 200) * (64 << 10) // payload_bytes)
-                warmup = max(5, samples // 10)
-                if kind == "grpcio":
-                    latencies = _time_grpcio(port, tensor, warmup, samples)
-                else:
-                    latencies = asyncio.run(_time_grpclib(port, tensor, warmup, samples))
-                p50 = statistics.median(latencies)
-                results[label] = {
-                    "payload_bytes": payload_bytes,
-                    "samples": len(latencies),
-                    "p50_ms": p50 * 1e3,
-                    "p90_ms": statistics.quantiles(latencies, n=10)[-1] * 1e3,
-                    "throughput_mb_s": payload_bytes / statistics.fmean(latencies) / 1e6,
-                }
-        finally:
-            server.stdin.close()
-            server.wait(timeout=30)
+                total = (200 if quick else 2000) * (64 << 10) // payload_bytes
+                per_round = max(4, total // rounds)
+                for kind, (_, port) in servers.items():
+                    batch = _time_batch(kind, port, tensor, per_round)
+                    latencies[kind].setdefault(label, []).extend(batch)
+    finally:
+        for process, _ in servers.values():
+            assert process.stdin is not None
+            process.stdin.close()
+            process.wait(timeout=30)
+
+    results: dict[str, dict[str, dict[str, float]]] = {kind: {} for kind in SERVERS}
+    for kind in SERVERS:
+        for label, payload_bytes in SIZES.items():
+            samples = latencies[kind][label]
+            results[kind][label] = {
+                "payload_bytes": payload_bytes,
+                "samples": len(samples),
+                "p50_ms": statistics.median(samples) * 1e3,
+                "p90_ms": statistics.quantiles(samples, n=10)[-1] * 1e3,
+                "throughput_mb_s": payload_bytes / statistics.fmean(samples) / 1e6,
+            }
     return results
 
 
@@ -236,12 +258,16 @@ def main() -> int:
         return 0
 
     torch.manual_seed(0)
-    results = {kind: measure(kind, quick=args.quick) for kind in SERVERS}
+    results = measure(quick=args.quick)
     _print_table(results)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "wire_roundtrip",
-        "setup": "loopback; each server in its own process, the client in the bench process",
+        "setup": (
+            "loopback; each server in its own process, the client in the bench process; "
+            "5 interleaved rounds per server and payload size"
+        ),
+        "load_average_at_end": os.getloadavg(),
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
