@@ -22,7 +22,6 @@ with the "dynamic" and "longrope" rotary types, whose rotary module rewrites its
 
 from __future__ import annotations
 
-import logging
 from abc import abstractmethod
 from typing import Any, Literal
 
@@ -39,7 +38,6 @@ from slm_trio.errors import InvalidTensorError
 
 __all__ = ["ModelPart", "PartCache", "PartKind"]
 
-logger = logging.getLogger(__name__)
 
 PartKind = Literal["bottom", "trunk", "top"]
 
