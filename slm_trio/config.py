@@ -1,7 +1,7 @@
 """Validated, immutable configuration for models and servers.
 
-`ModelConfig` says what to load and which part of it; `ServerConfig` says how
-a server listens and what it may spend. Both validate every field when they
+`ModelConfig` describes what to load and which part of it. `ServerConfig`
+describes how a server listens and what it may spend. Both validate every field when they
 are built, so a bad value fails where it is written, with an error that names
 the field and shows the value. Both load from YAML or TOML files.
 """
@@ -173,7 +173,7 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
-    """How a server listens, how much it may hold, and which models it loads at start.
+    """Server settings: the address, resource limits, and the models to load at start.
 
     Attributes:
         host: The address to bind; ``127.0.0.1`` by default so nothing is exposed

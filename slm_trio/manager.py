@@ -18,10 +18,10 @@ afterwards, outside any lock. There is no lock: the event loop is the lock.
 Blocking work runs in worker threads behind two `anyio.CapacityLimiter`s the
 manager owns: one for loads and one for compute (forward and backward passes).
 Both are abandoned on cancellation, so a cancelled caller returns at once. An
-abandoned load thread keeps running until its loader next reports progress
-(the progress callback then raises `LoadCancelledError`) or returns; the model
-it returns after that is released by the thread itself (`_LoadJob`), so no
-path leaks a model.
+abandoned load thread keeps running until its loader returns or next reports
+progress, when the progress callback raises `LoadCancelledError`. A model the
+thread returns after that is released by the thread itself (`_LoadJob`), so
+no path leaks a model.
 
 Loads run in the task of whoever awaits `load_model`, or, after
 `start_load`, in the task group the manager opens in ``async with``. Each load
@@ -93,8 +93,8 @@ Loader = Callable[[ModelConfig, ProgressCallback], Any]
 Releaser = Callable[[Any], None]
 """A blocking function that frees a model the manager no longer holds."""
 
-# Seconds that cleanup after a cancelled or failed load may take before the
-# manager gives up waiting on it; cleanup is shielded, so it needs a bound.
+# Seconds that cleanup after a cancelled or failed load may take. Cleanup is
+# shielded from cancellation, so it needs a bound of its own.
 _CLEANUP_TIMEOUT = 10.0
 
 # FAILED records kept for `list_models`; older ones are dropped first.
@@ -177,7 +177,7 @@ class _LoadJob:
     The thread and the loop agree under `_lock` on who owns the loaded model:
     the loop claims it with `claim`, or abandons the job with `abandon`. If the
     job is abandoned first, the thread releases the model itself when the
-    loader returns; if the model arrived first, `abandon` hands it back to the
+    loader returns. If the model arrived first, `abandon` returns it to the
     loop for release.
     """
 

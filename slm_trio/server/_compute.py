@@ -3,7 +3,7 @@
 Handlers run as asyncio tasks (natively, or inside trio-asyncio under trio).
 Each one decodes and validates its request on the spot, crosses into the
 owning loop once with `run_in_owner` to call the `ComputeCore`, and encodes
-the answer. Errors go through `map_errors`, the one place that turns
+the response. Errors go through `map_errors`, the one place that turns
 exceptions into gRPC status codes.
 """
 

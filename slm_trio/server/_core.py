@@ -4,9 +4,9 @@ Design note.
 
 The core is the trio side (or, when embedded, the asyncio side) of the
 compute service. Handlers decode requests, cross into the owning loop once
-(`run_in_owner`) and call one coroutine here; everything that touches the
-model manager or the session store happens here, so trio-owned objects are
-never used from asyncio tasks.
+(`run_in_owner`) and call one coroutine here. Everything that touches the
+model manager or the session store happens here, so asyncio tasks never use
+trio-owned objects.
 
 A `ComputeTarget` supplies models: `AsyncModelManager` leases (many models)
 or a single model (`AsyncModelComputeFunction`). Forward and backward passes
@@ -44,7 +44,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class ComputeTarget(Protocol):
-    """Where the core gets models from and runs blocking compute."""
+    """The source of models and compute threads for a `ComputeCore`."""
 
     def lease(self, model_id: str) -> AbstractAsyncContextManager[Any]:
         """Hold a READY model for one request."""

@@ -1,9 +1,9 @@
 """The model-management service (Load, Unload, List, Describe) and the health service.
 
 Both run as grpclib handlers on the asyncio side. Management calls cross into
-the owning loop once with `run_in_owner`; loads are started in the manager's
-task group, so a client that disconnects while waiting does not cancel the
-load, and no other RPC waits for it.
+the owning loop once with `run_in_owner`. Loads start in the manager's task
+group, so a client that disconnects while waiting does not cancel the load,
+and no other RPC waits for it.
 
 Health answers from the manager's table, read synchronously on the spot:
 the server as a whole (service ``""``, or a service name of ours) is SERVING
@@ -61,7 +61,7 @@ class ManagementService(ManagementBase):
     async def Load(
         self, stream: Stream[management_pb2.LoadRequest, management_pb2.LoadResponse]
     ) -> None:
-        """Start a load, and wait for it when the request says so."""
+        """Start a load, and wait for it when the request sets ``wait``."""
         async with map_errors(stream, method="Management.Load"):
             with self._metrics.observe("Load") as observation:
                 request = await stream.recv_message()
@@ -163,7 +163,7 @@ def model_facts(model: Any) -> management_pb2.ModelFacts:
 
 
 class ServerHealth(Health):
-    """`grpc.health.v1.Health` answered from the server's state and its model table.
+    """The `grpc.health.v1.Health` service, computed from the server's state and model table.
 
     Args:
         is_serving: Whether the server accepts requests (False once a stop begins).

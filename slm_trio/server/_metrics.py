@@ -1,9 +1,9 @@
 """Prometheus metrics of one server, and the HTTP endpoint that serves them.
 
 Each server owns its own `CollectorRegistry`, so two servers in one process
-(tests, embedding) never share counters. Request metrics are recorded by the
-handlers; gauges of models and sessions are read from the manager and the
-session store when Prometheus scrapes, so they cannot drift.
+(tests, embedding) never share counters. The handlers record request metrics.
+Gauges of models and sessions are read from the manager and the session store
+at scrape time, so they cannot drift.
 
 The endpoint is a minimal HTTP/1.1 responder on an anyio TCP listener, run as
 a task of the server's nursery on either backend. It answers ``GET /metrics``
@@ -38,13 +38,13 @@ logger = logging.getLogger(__name__)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _UNKNOWN_MODEL_LABEL = "(unknown)"
-# The largest HTTP request head the endpoint reads before answering.
+# The largest HTTP request head the endpoint reads before it responds.
 _MAX_REQUEST_BYTES = 8192
 
 
 @dataclass(kw_only=True)
 class RequestObservation:
-    """What a handler learns while it runs; `ServerMetrics.observe` records it."""
+    """The labels of one RPC, which the handler fills in as it parses the request."""
 
     rpc: str
     model_id: str = ""
@@ -128,7 +128,7 @@ class ServerMetrics:
 
     @contextmanager
     def observe(self, rpc: str) -> Iterator[RequestObservation]:
-        """Count one RPC, its status code and its latency; re-raises what it sees."""
+        """Count one RPC with its status code and latency, and re-raise any exception."""
         observation = RequestObservation(rpc=rpc)
         started = time.perf_counter()
         code = Status.OK

@@ -3,12 +3,13 @@
 Design note.
 
 A server is an async context manager that owns one task group. Entering it
-starts, as tasks of that group: the grpclib host (through trio-asyncio under
-trio, natively under asyncio), the session expiry loop, the metrics endpoint
-when configured, and, for the managed server, the manager, whose own task
-group owns background loads. Leaving it stops them in order: the host stops
-accepting and lets in-flight requests finish within the grace period, then
-the task group is cancelled and the manager unloads everything.
+starts the grpclib host as a task of that group, through trio-asyncio under
+trio and natively under asyncio. The session expiry loop and, when
+configured, the metrics endpoint run as tasks of the same group. The managed
+server also enters its manager, whose own task group owns background loads.
+Leaving it stops them in order: the host stops accepting and lets in-flight
+requests finish within the grace period, then the task group is cancelled
+and the manager unloads everything.
 
 Three ways to run one:
 
@@ -61,7 +62,7 @@ _T = TypeVar("_T")
 
 
 class _ServerBase:
-    """Lifecycle shared by both servers; subclasses build the services."""
+    """The lifecycle both servers share. Subclasses build the services."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
