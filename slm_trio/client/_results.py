@@ -134,6 +134,13 @@ class GenerationStats:
         return self.new_tokens / seconds if seconds > 0 else 0.0
 
     @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second of the steps after the prompt step, which made one token per row."""
+        tokens = self.new_tokens - min(self.rows, self.new_tokens)
+        seconds = self.decode.total_seconds
+        return tokens / seconds if seconds > 0 else 0.0
+
+    @property
     def bytes_per_token(self) -> tuple[float, float]:
         """Bytes sent and received per generated token, the prompt included."""
         if self.new_tokens == 0:

@@ -1,0 +1,5 @@
+"""Run the ``slm-trio`` command line as ``python -m slm_trio``."""
+
+from slm_trio.cli import main
+
+raise SystemExit(main())

