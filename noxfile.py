@@ -5,6 +5,8 @@ Every session installs with constraints.txt so torch stays at the pinned CPU bui
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
@@ -55,3 +57,12 @@ def protos_check(session: nox.Session) -> None:
     """Fail if the committed generated modules differ from freshly generated ones."""
     _install(session, "dev")
     session.run("python", "protos/generate.py", "--check")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks; each prints a table and writes JSON under bench/results/."""
+    _install(session, "test", "dev")
+    scripts = session.posargs or sorted(str(path) for path in Path("bench").glob("*.py"))
+    for script in scripts:
+        session.run("python", script)
