@@ -19,12 +19,12 @@ local forwards run at once.
 Session loss. A step can fail with `SessionError` (the server lost or expired the session)
 or with a retryable error (the stream or connection broke, the server restarted or is loading
 the model). The run then drops the stream and rebuilds the trunk cache. It first tries to
-resume the old session by id, and keeps it only if the server's cached length equals the
-history's. Otherwise it opens a fresh session and replays the history's hidden states. Then
-it resends the step that failed. The local caches never change during a rebuild, so the
-tokens produced are those of an uninterrupted run. Opening is retried with the client's
-`RetryPolicy`, and at most ``max_attempts`` rebuilds in a row are tried before the error
-propagates.
+resume the old session by id, and keeps it only if the server reports the cached length it
+reported after the last step the history contains. Otherwise it opens a fresh session and
+replays the history's hidden states. Then it resends the step that failed. The local caches
+never change during a rebuild, so the tokens produced are those of an uninterrupted run.
+Opening is retried with the client's `RetryPolicy`, and at most ``max_attempts`` rebuilds in
+a row are tried before the error propagates.
 
 Padding. A batch is left-padded; its attention mask covers every cached and new position and
 travels as bool. Positions count real tokens only (``cumsum(mask) - 1``), so a padded row
@@ -219,7 +219,11 @@ class _GenerationRun:
         self._session: TrunkSession | None = None
         self._session_steps = 0  # steps the server has completed on the session
         self._session_positions = 0  # positions per row the server has cached
-        self._confirmed_steps = 0  # session steps whose tokens are all in the history
+        # The session's step count and the server's `cached_tokens` report (in the server's
+        # own unit) when its cache last matched the history; a resumed session must match.
+        self._confirmed_steps = 0
+        self._confirmed_cached: int | None = 0
+        self._reported_cached: int | None = 0
         self._resume_id: str | None = None
         self._session_clean = True
 
@@ -366,7 +370,7 @@ class _GenerationRun:
                 continue
             self._history.append((hidden, positions))
             self._history_positions += hidden.shape[1]
-            self._confirmed_steps = self._session_steps
+            self._confirm()
             return output
 
     async def _back_off(self, retry: int, error: BaseException) -> None:
@@ -398,6 +402,7 @@ class _GenerationRun:
                 )
             self._session_steps += 1
             self._session_positions += stop - start
+            self._reported_cached = reply.cached_tokens
             self._note(reply)
             outputs.append(reply.tensor)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
@@ -407,6 +412,11 @@ class _GenerationRun:
         self._step_bytes_sent += reply.bytes_sent
         self._step_bytes_received += reply.bytes_received
 
+    def _confirm(self) -> None:
+        """Record that the session's cache now holds exactly the history."""
+        self._confirmed_steps = self._session_steps
+        self._confirmed_cached = self._reported_cached
+
     async def _open_session(self) -> None:
         """Resume the lost session if the server still has all of it, else open and replay."""
         expected = self._history_positions
@@ -414,17 +424,22 @@ class _GenerationRun:
             resume_id, self._resume_id = self._resume_id, None
             session = await self._try_resume(resume_id)
             if session is not None:
-                if session.cached_tokens == expected:
+                # The server's count is compared in its own unit, as its last step reported it,
+                # so a step whose reply was lost (the server ran it) is detected here.
+                if self._confirmed_cached is not None and (
+                    session.cached_tokens == self._confirmed_cached
+                ):
                     self._session = session
                     self._session_steps = self._confirmed_steps
                     self._session_positions = expected
+                    self._reported_cached = self._confirmed_cached
                     logger.info("session.resumed session_id=%s positions=%d", resume_id, expected)
                     return
                 logger.info(
-                    "session.resume_mismatch session_id=%s cached=%d expected=%d",
+                    "session.resume_mismatch session_id=%s cached=%d expected=%s",
                     resume_id,
                     session.cached_tokens,
-                    expected,
+                    self._confirmed_cached,
                 )
                 await session.aclose()
 
@@ -432,6 +447,7 @@ class _GenerationRun:
         self._session = session
         self._session_steps = 0
         self._session_positions = 0
+        self._reported_cached = session.cached_tokens
         if self._history:
             # Replay everything the lost session had consumed, in as few steps as fit.
             hidden = torch.cat([h for h, _ in self._history], dim=1)  # [batch, history, hidden]
@@ -443,7 +459,7 @@ class _GenerationRun:
                 expected,
                 self._session_steps,
             )
-        self._confirmed_steps = self._session_steps
+        self._confirm()
 
     async def _try_resume(self, session_id: str) -> TrunkSession | None:
         try:
