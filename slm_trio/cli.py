@@ -456,8 +456,10 @@ async def _models_describe(args: argparse.Namespace) -> int:
         return 0
     for key, value in status.items():
         print(f"{key}: {value}")
-    for key, value in (facts or {}).items():
-        print(f"{key}: {value}")
+    if facts is not None:
+        print("facts:")
+        for key, value in facts.items():
+            print(f"  {key}: {value}")
     return 0
 
 
