@@ -441,7 +441,14 @@ class AsyncModelManager:
         finally:
             if task_group is not None:
                 task_group.cancel_scope.cancel()
-                await task_group.__aexit__(exc_type, exc, tb)
+                try:
+                    await task_group.__aexit__(exc_type, exc, tb)
+                except BaseExceptionGroup as group:
+                    # The task group wraps the body's own exception in a group;
+                    # callers of a context manager expect the exception itself.
+                    if exc is not None and group.exceptions == (exc,):
+                        raise exc from None
+                    raise
         return None
 
     async def shutdown(self) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -632,3 +634,21 @@ async def test_session_budget_and_expiry(tiny_model_dirs: dict[str, Path]) -> No
         )
         assert status == Status.NOT_FOUND
         assert "unknown or expired" in message
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_sigterm_stops_serve() -> None:
+    server = AsyncManagedServer(port=0, loader=Models().loader)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.serve)
+            os.kill(os.getpid(), signal.SIGTERM)
+    # serve returned on its own: the task group did not need cancelling.
+    assert not tg.cancel_scope.cancel_called
+    assert repr(server).endswith(" stopped>")
+
+
+async def test_body_error_not_wrapped() -> None:
+    with pytest.raises(ValueError, match="from the body"):
+        async with AsyncManagedServer(port=0, loader=Models().loader):
+            raise ValueError("from the body")

@@ -18,7 +18,7 @@ from grpclib.server import Stream
 
 from slm_trio._proto.v1 import compute_pb2
 from slm_trio._proto.v1.compute_grpc import ComputeBase
-from slm_trio.server._core import ComputeCore, Timing
+from slm_trio.server._core import ComputeCore, Timing, cached_positions
 from slm_trio.server._host import run_in_owner
 from slm_trio.server._metrics import ServerMetrics
 from slm_trio.server._status import map_errors
@@ -149,7 +149,7 @@ class ComputeService(ComputeBase):
                     opened=compute_pb2.SessionOpened(
                         session_id=session.session_id,
                         ttl_seconds=self._core.sessions.ttl,
-                        cached_tokens=session.tokens,
+                        cached_tokens=cached_positions(session),
                     )
                 )
             )

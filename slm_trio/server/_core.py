@@ -36,7 +36,14 @@ from slm_trio.errors import InvalidTensorError, UnsupportedRequestError
 from slm_trio.server._sessions import Session, SessionStore
 from slm_trio.split import ModelPart
 
-__all__ = ["ComputeCore", "ComputeTarget", "StepResult", "Timing", "owner_clock"]
+__all__ = [
+    "ComputeCore",
+    "ComputeTarget",
+    "StepResult",
+    "Timing",
+    "cached_positions",
+    "owner_clock",
+]
 
 _T = TypeVar("_T")
 
@@ -205,7 +212,7 @@ class ComputeCore:
                 )
         return StepResult(
             hidden_states=output,
-            cached_tokens=session.tokens,
+            cached_tokens=cached_positions(session),
             timing=Timing(queue_seconds=started - submitted, compute_seconds=seconds),
         )
 
@@ -216,6 +223,12 @@ class ComputeCore:
     def detach_session_nowait(self, session: Session) -> None:
         """Keep a session whose stream ended without a close, for resuming."""
         self.sessions.detach_nowait(session, now=self.now())
+
+
+def cached_positions(session: Session) -> int:
+    """Return the positions per row that the session's KV cache holds."""
+    cache = session.cache
+    return int(cache.seq_length) if cache is not None else 0
 
 
 def owner_clock() -> Callable[[], float]:

@@ -28,8 +28,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -212,8 +212,16 @@ class _ServerBase:
                 await self._exit_owned()
             finally:
                 task_group.cancel_scope.cancel()
-                result = await task_group.__aexit__(exc_type, exc, tb)
-                logger.info("server.stopped port=%s", self._port)
+                try:
+                    result = await task_group.__aexit__(exc_type, exc, tb)
+                except BaseExceptionGroup as group:
+                    # A task group wraps the body's own exception in a group;
+                    # callers of a context manager expect the exception itself.
+                    if exc is not None and group.exceptions == (exc,):
+                        raise exc from None
+                    raise
+                finally:
+                    logger.info("server.stopped port=%s", self._port)
         return result
 
     async def serve(
@@ -229,13 +237,15 @@ class _ServerBase:
 
         Args:
             handle_signals: Stop gracefully on SIGINT/SIGTERM (main thread only).
+                The signals are caught from before the server starts listening.
 
         Cancellation: cancelling the caller stops the server; in-flight
         requests still get the grace period, shielded.
         """
-        async with self:
-            task_status.started(self.port)
-            await self._wait_for_stop(handle_signals)
+        with _stop_signals(handle_signals) as signals:
+            async with self:
+                task_status.started(self.port)
+                await self._wait_for_stop(signals)
 
     async def start(self) -> None:
         """Start serving and return; for code migrating from the replaced servers.
@@ -252,7 +262,8 @@ class _ServerBase:
         if self._task_group is None:
             raise RuntimeError("call start() before wait_for_termination()")
         try:
-            await self._wait_for_stop(handle_signals)
+            with _stop_signals(handle_signals) as signals:
+                await self._wait_for_stop(signals)
         finally:
             await self._close(None, None, None)
 
@@ -275,23 +286,33 @@ class _ServerBase:
         if self._task_group is not None and anyio.get_current_task().id == self._owner_task:
             await self._close(None, None, None)
 
-    async def _wait_for_stop(self, handle_signals: bool) -> None:
+    async def _wait_for_stop(self, signals: AsyncIterator[int] | None) -> None:
         assert self._stop_requested is not None
-        if not handle_signals or threading.current_thread() is not threading.main_thread():
-            await self._stop_requested.wait()
+        stop_requested = self._stop_requested
+        if signals is None:
+            await stop_requested.wait()
             return
         async with anyio.create_task_group() as waiter:
 
             async def watch_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        logger.info("server.signal signal=%s", signal.Signals(signum).name)
-                        self._stop_requested.set()  # type: ignore[union-attr]
-                        return
+                async for signum in signals:
+                    logger.info("server.signal signal=%s", signal.Signals(signum).name)
+                    stop_requested.set()
+                    return
 
             waiter.start_soon(watch_signals)
-            await self._stop_requested.wait()
+            await stop_requested.wait()
             waiter.cancel_scope.cancel()
+
+
+@contextmanager
+def _stop_signals(enabled: bool) -> Iterator[AsyncIterator[int] | None]:
+    """Catch SIGINT and SIGTERM while the block runs, when enabled and on the main thread."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        yield signals
 
 
 async def _serve_metrics_task(
