@@ -45,14 +45,22 @@ from slm_trio.errors import (
 
 __all__ = [
     "ERROR_TYPE_KEY",
+    "MAX_STATUS_MESSAGE_CHARS",
     "RETRY_AFTER_KEY",
     "ErrorStatus",
     "status_for_error",
     "status_to_exception",
+    "truncate_status_message",
 ]
 
 ERROR_TYPE_KEY = "slm-error"
 RETRY_AFTER_KEY = "retry-after-ms"
+
+# The longest status message sent, in characters. Messages quote request
+# values such as model ids, and a status message travels in an HTTP/2 header
+# that h2 encodes in pure Python on the event loop: a 500 KB header stalled a
+# server for 10 s and broke the connection.
+MAX_STATUS_MESSAGE_CHARS = 1024
 
 # The most specific class in an exception's MRO wins, so subclasses such as
 # CheckpointError inherit their parent's code unless they are listed here.
@@ -123,6 +131,14 @@ def status_for_error(exc: BaseException) -> ErrorStatus | None:
         metadata[RETRY_AFTER_KEY] = str(retry_ms)
         message = f"{message} (retry after {retry_ms} ms)"
     return ErrorStatus(status=status, message=message, metadata=metadata)
+
+
+def truncate_status_message(message: str) -> str:
+    """Shorten ``message`` to `MAX_STATUS_MESSAGE_CHARS`, marking the cut."""
+    if len(message) <= MAX_STATUS_MESSAGE_CHARS:
+        return message
+    marker = " ... (message truncated)"
+    return message[: MAX_STATUS_MESSAGE_CHARS - len(marker)] + marker
 
 
 def _retry_after_ms(seconds: float) -> int:

@@ -209,6 +209,14 @@ CASES = [
         forward_request("ghost"),
     ),
     case(
+        "huge model id",
+        Status.NOT_FOUND,
+        "(message truncated)",
+        unary,
+        "Management.Describe",
+        management_pb2.DescribeRequest(model_id="a" * 20_000),
+    ),
+    case(
         "model still loading",
         Status.UNAVAILABLE,
         "'slow' is still loading",

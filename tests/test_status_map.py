@@ -138,3 +138,13 @@ def test_to_exception_invalid_retry(value: str) -> None:
     rebuilt = status_to_exception(GRPCError(Status.UNAVAILABLE, "loading"), metadata)
     assert isinstance(rebuilt, ModelLoadingError)
     assert rebuilt.retry_after == 1.0
+
+
+def test_long_status_message_truncated() -> None:
+    from slm_trio._status_map import MAX_STATUS_MESSAGE_CHARS, truncate_status_message
+
+    short = "model 'a' is not loaded"
+    assert truncate_status_message(short) == short
+    long = truncate_status_message("x" * 500_000)
+    assert len(long) == MAX_STATUS_MESSAGE_CHARS
+    assert long.endswith(" ... (message truncated)")

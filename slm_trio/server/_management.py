@@ -25,6 +25,7 @@ from grpclib.server import Stream
 
 from slm_trio._proto.v1 import management_pb2
 from slm_trio._proto.v1.management_grpc import ManagementBase
+from slm_trio._status_map import truncate_status_message
 from slm_trio.errors import ModelNotFoundError
 from slm_trio.manager import AsyncModelManager, ModelInfo, ModelState
 from slm_trio.server._host import run_in_owner
@@ -199,7 +200,9 @@ class ServerHealth(Health):
         if status == HealthCheckResponse.SERVICE_UNKNOWN:
             await stream.send_trailing_metadata(
                 status=Status.NOT_FOUND,
-                status_message=f"unknown service or model {service!r}",
+                status_message=truncate_status_message(
+                    f"unknown service or model {service!r}"
+                ),
             )
             return
         await stream.send_message(HealthCheckResponse(status=status))

@@ -34,7 +34,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.server import Stream
 
-from slm_trio._status_map import ErrorStatus, status_for_error
+from slm_trio._status_map import ErrorStatus, status_for_error, truncate_status_message
 
 __all__ = ["handle_errors", "map_errors"]
 
@@ -108,7 +108,9 @@ class _ErrorMapper(AbstractAsyncContextManager[None]):
     async def _send(self, reply: ErrorStatus) -> None:
         try:
             await self._stream.send_trailing_metadata(
-                status=reply.status, status_message=reply.message, metadata=reply.metadata
+                status=reply.status,
+                status_message=truncate_status_message(reply.message),
+                metadata=reply.metadata,
             )
         except (ProtocolError, h2.exceptions.StreamClosedError) as send_error:
             # The handler already ended the call, or the client went away.
