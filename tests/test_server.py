@@ -617,6 +617,8 @@ async def test_session_budget_and_expiry(tiny_model_dirs: dict[str, Path]) -> No
         )
         assert status == Status.RESOURCE_EXHAUSTED
         assert "KV-cache budget" in message
+        # The rejected session was closed at once; only the first one remains.
+        assert server.sessions.statistics().sessions == 1
 
         # Expiry frees the tokens; resuming an expired session fails with NOT_FOUND.
         while server.sessions.get_nowait(opened.session_id).attached:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from slm_trio._proto.v1 import compute_pb2
 from slm_trio._proto.v1.compute_grpc import ComputeBase
+from slm_trio.errors import SlmTrioError
 from slm_trio.server._core import ComputeCore, Timing, cached_positions
 from slm_trio.server._host import run_in_owner
 from slm_trio.server._metrics import ServerMetrics
@@ -144,41 +146,58 @@ class ComputeService(ComputeBase):
         session = await run_in_owner(self._core.open_session, model_id, resume_id)
         closed = False
         try:
-            await stream.send_message(
-                compute_pb2.SessionResponse(
-                    opened=compute_pb2.SessionOpened(
-                        session_id=session.session_id,
-                        ttl_seconds=self._core.sessions.ttl,
-                        cached_tokens=cached_positions(session),
-                    )
-                )
-            )
-            while True:
-                request = await stream.recv_message()
-                if request is None:
-                    return
-                kind = request.WhichOneof("kind")
-                if kind == "step":
-                    response = await self._step(session, request.step, model_id)
-                    await stream.send_message(response)
-                elif kind == "close":
-                    self._core.close_session_nowait(session)
-                    closed = True
-                    await stream.send_message(
-                        compute_pb2.SessionResponse(
-                            closed=compute_pb2.SessionClosed(session_id=session.session_id)
-                        )
-                    )
-                    return
-                else:
-                    raise _invalid(
-                        f"session {session.session_id!r} is already open; expected 'step' or "
-                        f"'close', got {kind!r}"
-                    )
+            await self._serve_session(stream, session, model_id)
+            closed = True
+        except (SlmTrioError, GRPCError, DecodeError):
+            # The server rejected a request: the client will not resume this
+            # session, so free its cache now instead of after the TTL.
+            self._core.close_session_nowait(session)
+            closed = True
+            raise
         finally:
             if not closed:
-                # The stream ended or failed without a close: keep the session for resuming.
+                # The stream broke or was cancelled: keep the session for resuming.
                 self._core.detach_session_nowait(session)
+
+    async def _serve_session(
+        self,
+        stream: Stream[compute_pb2.SessionRequest, compute_pb2.SessionResponse],
+        session: Any,
+        model_id: str,
+    ) -> None:
+        """Answer the open, then steps until a close; return early if the stream ends."""
+        await stream.send_message(
+            compute_pb2.SessionResponse(
+                opened=compute_pb2.SessionOpened(
+                    session_id=session.session_id,
+                    ttl_seconds=self._core.sessions.ttl,
+                    cached_tokens=cached_positions(session),
+                )
+            )
+        )
+        while True:
+            request = await stream.recv_message()
+            if request is None:
+                # The client ended its side without a close: keep the session.
+                self._core.detach_session_nowait(session)
+                return
+            kind = request.WhichOneof("kind")
+            if kind == "step":
+                response = await self._step(session, request.step, model_id)
+                await stream.send_message(response)
+            elif kind == "close":
+                self._core.close_session_nowait(session)
+                await stream.send_message(
+                    compute_pb2.SessionResponse(
+                        closed=compute_pb2.SessionClosed(session_id=session.session_id)
+                    )
+                )
+                return
+            else:
+                raise _invalid(
+                    f"session {session.session_id!r} is already open; expected 'step' or "
+                    f"'close', got {kind!r}"
+                )
 
     async def _step(
         self, session: Any, step: compute_pb2.SessionStep, model_id: str
