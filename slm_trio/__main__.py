@@ -1,5 +1,5 @@
 """Run the ``slm-trio`` command line as ``python -m slm_trio``."""
 
-from slm_trio.cli import main
+from slm_trio.cli import run
 
-raise SystemExit(main())
+run()

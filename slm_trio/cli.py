@@ -14,9 +14,11 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -33,7 +35,7 @@ from slm_trio.client import (
 from slm_trio.config import ModelConfig, ServerConfig
 from slm_trio.errors import ConfigError, ModelLoadError, SlmTrioError
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in _error_lines(exc):
             print(f"{PROG}: error: {line}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def run() -> NoReturn:
+    """Run the command line as a program: the console script's entry point.
+
+    A request cancelled at shutdown may leave a worker thread inside torch,
+    and torch aborts the process ("terminate called without an active
+    exception") if the interpreter finalises around it. Exiting with
+    `os._exit` once the output is flushed skips that finalisation.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t.is_alive() for t in threading.enumerate() if t is not threading.main_thread()):
+        os._exit(code)
+    sys.exit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:
