@@ -389,6 +389,7 @@ class AsyncModelManager:
         self._entries: dict[str, _Entry] = {}
         self._failures: OrderedDict[str, ModelInfo] = OrderedDict()
         self._listeners: list[Callable[[ManagerEvent], None]] = []
+        self._eviction_guards: list[Callable[[str], bool]] = []
         self._use_counter = 0
         self._closed = False
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -805,6 +806,7 @@ class AsyncModelManager:
             and e.state is ModelState.READY
             and e.leases == 0
             and not e.reloading
+            and not any(guard(e.model_id) for guard in self._eviction_guards)
         ]
         if not candidates:
             return None
@@ -1020,6 +1022,15 @@ class AsyncModelManager:
             active_leases=sum(e.leases for e in self._entries.values()),
             **self._counters,
         )
+
+    def add_eviction_guard(self, guard: Callable[[str], bool]) -> None:
+        """Never evict a model while ``guard(model_id)`` is true.
+
+        The server uses this for models with open generation sessions, which
+        use their model between requests. The guard runs on the event loop
+        and must not block.
+        """
+        self._eviction_guards.append(guard)
 
     def add_listener(self, listener: Callable[[ManagerEvent], None]) -> None:
         """Call ``listener(event)`` on the event loop for every table change."""

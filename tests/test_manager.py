@@ -753,3 +753,15 @@ def test_constructor_rejects_bad_values() -> None:
         AsyncModelManager(max_models=0)
     with pytest.raises(ValueError, match="load_timeout=-1 is invalid"):
         AsyncModelManager(load_timeout=-1)
+
+
+@pytest.mark.anyio
+async def test_eviction_guard_protects_model() -> None:
+    loader = FakeLoader()
+    async with make_manager(loader, max_models=2) as manager:
+        manager.add_eviction_guard(lambda model_id: model_id == "a")
+        await manager.load_model(config("a"))
+        await manager.load_model(config("b"))
+        # "a" is least recently used, but its guard keeps it.
+        await manager.load_model(config("c"))
+        assert states(manager) == {"a": "READY", "c": "READY"}

@@ -35,6 +35,7 @@ from torch import nn
 
 from slm_trio._proto.v1 import compute_grpc, compute_pb2, management_grpc, management_pb2
 from slm_trio.config import ModelConfig, ServerConfig
+from slm_trio.errors import ModelCapacityError
 from slm_trio.loading import load_model
 from slm_trio.server import AsyncGRPCComputeServer, AsyncManagedServer, AsyncModelComputeFunction
 from slm_trio.wire import decode_tensor, encode_tensor, model_config_to_proto
@@ -654,3 +655,17 @@ async def test_body_error_not_wrapped() -> None:
     with pytest.raises(ValueError, match="from the body"):
         async with AsyncManagedServer(port=0, loader=Models().loader):
             raise ValueError("from the body")
+
+
+async def test_open_session_blocks_eviction(tiny_model_dirs: dict[str, Path]) -> None:
+    async with managed(Models(), max_models=1) as (server, call):
+        await server.load_model(trunk_config(tiny_model_dirs["llama"], "a"))
+        await call(session_run, server.port, "a", [torch.randn(1, 3, 32)], close=False)
+        while not server.sessions.has_sessions_nowait("a") or any(
+            s.attached for s in server.sessions._sessions.values()
+        ):
+            await anyio.sleep(0.01)
+        # The only READY model has an open session, so there is no room for "b".
+        with pytest.raises(ModelCapacityError):
+            await server.load_model(fake("b", "2"))
+        assert server.manager.get_info("a").state.value == "READY"

@@ -357,6 +357,9 @@ class AsyncManagedServer(_ServerBase):
             load_timeout=config.load_timeout,
             lease_drain_timeout=config.lease_drain_timeout,
         )
+        # A generation session uses its model between requests, so LRU
+        # eviction must skip models with open sessions.
+        self.manager.add_eviction_guard(self.sessions.has_sessions_nowait)
 
     async def __aenter__(self) -> AsyncManagedServer:
         await super().__aenter__()

@@ -269,6 +269,10 @@ class SessionStore:
         )
         return session
 
+    def has_sessions_nowait(self, model_id: str) -> bool:
+        """Return whether any open session uses ``model_id``."""
+        return any(s.model_id == model_id for s in self._sessions.values())
+
     def close_for_model_nowait(self, model_id: str) -> int:
         """Close every session of a model (after an unload); return how many."""
         ids = [s.session_id for s in self._sessions.values() if s.model_id == model_id]
