@@ -200,9 +200,7 @@ class ServerHealth(Health):
         if status == HealthCheckResponse.SERVICE_UNKNOWN:
             await stream.send_trailing_metadata(
                 status=Status.NOT_FOUND,
-                status_message=truncate_status_message(
-                    f"unknown service or model {service!r}"
-                ),
+                status_message=truncate_status_message(f"unknown service or model {service!r}"),
             )
             return
         await stream.send_message(HealthCheckResponse(status=status))
