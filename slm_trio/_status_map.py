@@ -56,7 +56,7 @@ __all__ = [
 ERROR_TYPE_KEY = "slm-error"
 RETRY_AFTER_KEY = "retry-after-ms"
 
-# The longest status message sent, in characters. Messages quote request
+# The maximum length of a status message sent, in characters. Messages quote request
 # values such as model ids, and a status message travels in an HTTP/2 header
 # that h2 encodes in pure Python on the event loop: a 500 KB header stalled a
 # server for 10 s and broke the connection.

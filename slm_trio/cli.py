@@ -226,7 +226,7 @@ def _add_generate(commands: Any) -> None:
         "generate",
         help="generate text through a trunk on a server",
         description="Run the bottom and top of a model locally and its trunk on a server, "
-        "and stream the answer to stdout. Timing goes to stderr.",
+        "and stream the generated text to stdout. Timing goes to stderr.",
     )
     generate.set_defaults(command=_generate)
     generate.add_argument("prompt", help="the prompt text")
@@ -622,7 +622,12 @@ async def _show_load_progress(admin: ManagementClient, model_id: str, *, out: Te
         if status is not None and status.state == "FAILED":
             raise ModelLoadError(f"loading {model_id!r} failed: {status.reason}")
         ready = status is not None and status.state == "READY"
-        fraction = 1.0 if ready else (status.progress or 0.0) if status is not None else 0.0
+        if ready:
+            fraction = 1.0
+        elif status is not None:
+            fraction = status.progress or 0.0
+        else:
+            fraction = 0.0
         percent = int(fraction * 100)
         if interactive or percent // 10 != shown // 10 or ready:
             bar = "#" * (percent // 5) + "-" * (20 - percent // 5)

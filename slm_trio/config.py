@@ -87,7 +87,7 @@ class ModelConfig:
             checkpoint; defaults to the checkpoint's directory.
         part: ``"full"`` for the whole model, else ``"bottom"``, ``"trunk"`` or ``"top"``.
         layers: The split points ``(s1, s2)`` with ``0 <= s1 <= s2 <= num_hidden_layers``:
-            bottom holds layers ``[0, s1)``, trunk ``[s1, s2)``, top ``[s2, N)``.
+            bottom contains layers ``[0, s1)``, trunk ``[s1, s2)``, top ``[s2, N)``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
         dtype: ``"float32"``, ``"float16"``, ``"bfloat16"``, or ``"auto"`` (the checkpoint's).
         attn_implementation: ``"sdpa"`` or ``"eager"``.

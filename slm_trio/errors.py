@@ -115,7 +115,7 @@ class ModelLoadTimeoutError(ModelLoadError, TimeoutError):
 
 
 class UnsupportedRequestError(SlmTrioError):
-    """Raised when a request asks a model for something it cannot do.
+    """Raised when a request needs something the model cannot do.
 
     For example a generation session on a model without a KV cache, or hidden
     states sent to a bottom part, which takes token ids.

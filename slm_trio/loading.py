@@ -501,8 +501,8 @@ class _GGUFSource(_TensorSource):
             raise CheckpointError(f"GGUF file {str(path)!r} could not be read: {exc}") from exc
         fields: Any = read_field(self._reader, "general.architecture")  # type: ignore[no-untyped-call]
         architecture = str(fields[0])
-        # The parsed metadata (mostly the tokenizer vocabulary) takes about 150 MiB for SmolLM2
-        # and is not needed once the config is read; the tensors do not refer to it.
+        # The parsed metadata (mostly the tokenizer vocabulary) takes about 150 MiB for SmolLM2.
+        # The tensors do not refer to it, so it can go once the config is read.
         self._reader.fields.clear()
         # The processor undoes llama.cpp's weight layout, such as the Q/K row permutation of
         # Llama attention and GPT-2's transposed matrices.

@@ -23,7 +23,7 @@ progress, when the progress callback raises `LoadCancelledError`. A model the
 thread returns after that is released by the thread itself (`_LoadJob`), so
 no path leaks a model.
 
-Loads run in the task of whoever awaits `load_model`, or, after
+Loads run in the task that awaits `load_model`, or, after
 `start_load`, in the task group the manager opens in ``async with``. Each load
 runs inside its own cancel scope, stored on its entry, so `shutdown` and
 `unload_model` can cancel it from any task. Cleanup after a failed or
@@ -207,7 +207,7 @@ class _LoadJob:
                 self._result = model
                 self._has_result = True
                 return
-        # The loop gave up on this load: nobody else will ever see this model.
+        # The loop abandoned this load, so no other code can reach this model.
         self.released_by_thread = True
         self._releaser(model)
 
@@ -631,7 +631,7 @@ class AsyncModelManager:
         # _finish_load_nowait; raising here would cancel the manager's task group.
 
     async def _run_load(self, entry: _Entry) -> None:
-        """Run one load attempt to its end; never raises except for cancellation."""
+        """Run one load attempt to its end; errors go on the entry, and only cancellation raises."""
         job = entry.job
         if job is None:
             raise RuntimeError(f"internal error: entry {entry.model_id!r} has no load job")

@@ -117,8 +117,8 @@ async def client_bridge() -> AsyncIterator[Call]:
 
         async def direct(fn: Callable[..., Awaitable[Any]], *args: Any, **kw: Any) -> Any:
             # grpclib cancels the calling task natively at a deadline or on
-            # stream.cancel() and never uncancels it, which would confuse the
-            # test task's anyio cancel scopes; a task of its own keeps it apart.
+            # stream.cancel() and never uncancels it. That would break the test
+            # task's anyio cancel scopes, so each call gets a task of its own.
             return await asyncio.ensure_future(fn(*args, **kw))
 
         yield direct
@@ -217,7 +217,7 @@ async def session_run(
     resume: str | None = None,
     first_step: int = 0,
 ) -> tuple[compute_pb2.SessionOpened, list[torch.Tensor]]:
-    """Open (or resume) a session, send one step per chunk, then close unless told not to."""
+    """Open (or resume) a session, send one step per chunk, then close it if ``close``."""
     outputs = []
     async with Channel("127.0.0.1", port) as channel:
         async with compute_grpc.ComputeStub(channel).Session.open() as stream:
@@ -363,7 +363,7 @@ async def test_list_and_health_answer_during_load() -> None:
         info = await call(load, server.port, fake("slow", "2"), False)
         assert info.state == management_pb2.MODEL_STATE_LOADING
 
-        # While the load runs, listing, health and other requests answer.
+        # While the load runs, listing, health and other requests get responses.
         listed = await call(list_models, server.port)
         assert listed["slow"].state == management_pb2.MODEL_STATE_LOADING
         assert await call(health, server.port, "") == HealthCheckResponse.SERVING

@@ -2,7 +2,7 @@
 
 Every case in `CASES` sends one malformed or unserviceable request and names
 the status and a fragment of the message the client must get. After the
-table, the server still answers a good request, its model table is as it
+table, the server still serves a good request, its model table is as it
 was, no session or in-flight request is left behind, and repeating the whole
 table 1,000 times does not grow the process's memory.
 """

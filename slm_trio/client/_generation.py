@@ -219,8 +219,8 @@ class _GenerationRun:
         self._session: TrunkSession | None = None
         self._session_steps = 0  # steps the server has completed on the session
         self._session_positions = 0  # positions per row the server has cached
-        # The session's step count and the server's `cached_tokens` report (in the server's
-        # own unit) when its cache last matched the history; a resumed session must match.
+        # The session's step count and the server's `cached_tokens` value (in the server's
+        # own unit) when its cache last matched the history. A resumed session must match them.
         self._confirmed_steps = 0
         self._confirmed_cached: int | None = 0
         self._reported_cached: int | None = 0
@@ -413,7 +413,7 @@ class _GenerationRun:
         self._step_bytes_received += reply.bytes_received
 
     def _confirm(self) -> None:
-        """Record that the session's cache now holds exactly the history."""
+        """Record that the session's cache now contains exactly the history."""
         self._confirmed_steps = self._session_steps
         self._confirmed_cached = self._reported_cached
 

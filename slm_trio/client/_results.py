@@ -1,4 +1,4 @@
-"""What the split client returns: timings, streamed steps and generation results."""
+"""Result types of the split client: timings, streamed steps and generation results."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ __all__ = [
 
 @dataclass(frozen=True, kw_only=True)
 class StepTiming:
-    """Where the time and the bytes of one call, one step or a sum of them went.
+    """The time and bytes spent on one call, one step or a sum of them.
 
     Attributes:
         client_seconds: Compute on the client: the bottom and top parts and token selection.

@@ -18,7 +18,7 @@ __all__ = ["SamplingConfig", "select_tokens"]
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
-    """How the next token is chosen.
+    """Settings that choose the next token.
 
     Attributes:
         temperature: 0 selects the most likely token (greedy decoding). A positive value

@@ -165,7 +165,7 @@ class ComputeService(ComputeBase):
         session: Any,
         model_id: str,
     ) -> None:
-        """Answer the open, then steps until a close; return early if the stream ends."""
+        """Send the opened message, then run steps until a close or the end of the stream."""
         await stream.send_message(
             compute_pb2.SessionResponse(
                 opened=compute_pb2.SessionOpened(

@@ -146,7 +146,7 @@ class ComputeCore:
 
         Raises:
             SessionError: ``resume_session_id`` is unknown, expired or attached.
-            SessionBudgetError: The server holds its maximum number of sessions.
+            SessionBudgetError: The server already has its maximum number of sessions.
             UnsupportedRequestError: The model has no KV cache (not a `ModelPart`).
         """
         now = self.now()

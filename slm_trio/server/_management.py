@@ -5,7 +5,7 @@ the owning loop once with `run_in_owner`. Loads start in the manager's task
 group, so a client that disconnects while waiting does not cancel the load,
 and no other RPC waits for it.
 
-Health answers from the manager's table, read synchronously on the spot:
+Health is computed from the manager's table, read synchronously on the spot:
 the server as a whole (service ``""``, or a service name of ours) is SERVING
 until a stop begins, and a model id used as the service name is SERVING only
 while that model is READY.

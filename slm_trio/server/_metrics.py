@@ -6,7 +6,7 @@ Gauges of models and sessions are read from the manager and the session store
 at scrape time, so they cannot drift.
 
 The endpoint is a minimal HTTP/1.1 responder on an anyio TCP listener, run as
-a task of the server's nursery on either backend. It answers ``GET /metrics``
+a task of the server's nursery on either backend. It serves ``GET /metrics``
 and closes each connection after one response.
 """
 

@@ -25,6 +25,7 @@ Three ways to run one:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -42,9 +43,9 @@ from torch import nn
 
 from slm_trio.config import ModelConfig, ServerConfig
 from slm_trio.errors import ConfigError, ModelNotFoundError
-from slm_trio.manager import AsyncModelManager, Loader, ModelInfo, Releaser
+from slm_trio.manager import AsyncModelManager, Loader, ModelInfo, ModelState, Releaser
 from slm_trio.server._compute import ComputeService
-from slm_trio.server._core import ComputeCore, ComputeTarget
+from slm_trio.server._core import ComputeCore, ComputeTarget, _forward_blocking
 from slm_trio.server._host import GrpcHost, HostStatistics, Servable
 from slm_trio.server._management import (
     ManagementService,
@@ -412,9 +413,7 @@ class AsyncManagedServer(_ServerBase):
 
 
 def _config_fields(config: ServerConfig) -> dict[str, Any]:
-    from dataclasses import fields
-
-    return {f.name: getattr(config, f.name) for f in fields(config)}
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
 class AsyncModelComputeFunction:
@@ -460,8 +459,6 @@ class AsyncModelComputeFunction:
 
         Cancellation: abandons the worker thread; its result is dropped.
         """
-        from slm_trio.server._core import _forward_blocking
-
         output, _, _ = await self.run_compute(
             _forward_blocking, self.model, hidden, None, None, None
         )
@@ -534,8 +531,6 @@ class AsyncGRPCComputeServer(_ServerBase):
         return model_id == self.compute_fn.model_id
 
     def _health(self) -> ServerHealth:
-        from slm_trio.manager import ModelState
-
         return ServerHealth(
             is_serving=lambda: not self._stopping,
             model_state=lambda i: ModelState.READY if i == self.compute_fn.model_id else None,

@@ -52,7 +52,7 @@ class Session:
     created_at: float
     last_active: float
     next_step: int = 0
-    # Tokens the cache holds (rows * positions), counted against the budget.
+    # Tokens in the cache (rows * positions), counted against the budget.
     tokens: int = 0
     attached: bool = False
     busy: bool = False
