@@ -39,6 +39,7 @@ from grpclib.config import Configuration
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.metadata import decode_metadata
 
+from slm_trio._http2 import TunedChannel
 from slm_trio._status_map import status_to_exception
 from slm_trio.errors import (
     DeadlineExceededError,
@@ -228,7 +229,7 @@ def _in_child_task(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
 
 async def _make_channel(host: str, port: int, config: Configuration | None) -> Channel:
     # Built inside a coroutine so that grpclib binds the running asyncio loop.
-    return Channel(host, port, config=config)
+    return TunedChannel(host, port, config=config)
 
 
 async def _close_channel(channel: Channel) -> None:

@@ -62,6 +62,7 @@ from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
 
+from slm_trio._http2 import TunedH2Protocol
 from slm_trio.errors import ConfigError
 
 __all__ = ["GrpcHost", "HostStatistics", "Servable", "run_in_owner"]
@@ -344,7 +345,7 @@ class _HostedServer(Server):
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:
-        protocol = super()._protocol_factory()
+        protocol = TunedH2Protocol.like(super()._protocol_factory())
         self._protocols.add(protocol)
         return protocol
 
