@@ -1,13 +1,18 @@
 """Measure the round-trip latency and throughput of tensors through an echo Forward call.
 
-Compares four servers on loopback, each in its own process, with the client in
+Compares five servers on loopback, each in its own process, with the client in
 this process:
 
 - ``grpclib-trio``: grpclib hosted by `GrpcHost` in a trio nursery (trio-asyncio);
 - ``grpclib-trio-cross``: the same, and the handler also crosses into trio once
   with `run_in_owner`, as handlers that use the model manager do;
 - ``grpclib-asyncio``: the same host on plain asyncio;
+- ``grpclib-stock``: grpclib's own `Server` on asyncio, without the HTTP/2
+  tuning of `slm_trio._http2`, called with grpclib's own `Channel`;
 - ``grpcio``: a grpcio ``grpc.aio`` server with a grpcio client.
+
+The three hosted servers are called with `TunedChannel`, the channel that the
+slm_trio client uses.
 
 Every server decodes the request tensor with `decode_tensor` and encodes the reply
 with `encode_tensor`, and every client encodes and decodes, so each call pays
@@ -45,7 +50,7 @@ SIZES = {"64 KiB": 64 << 10, "1 MiB": 1 << 20, "4 MiB": 4 << 20}
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_ELEMENTS = MAX_MESSAGE_BYTES // 4
 RESULTS = Path(__file__).resolve().parent / "results" / "wire_roundtrip.json"
-SERVERS = ("grpclib-trio", "grpclib-trio-cross", "grpclib-asyncio", "grpcio")
+SERVERS = ("grpclib-trio", "grpclib-trio-cross", "grpclib-asyncio", "grpclib-stock", "grpcio")
 
 
 def _echo(request: compute_pb2.ForwardRequest) -> compute_pb2.ForwardResponse:
@@ -86,6 +91,18 @@ async def _serve_grpclib(cross_into_trio: bool) -> None:
         print(port, flush=True)
         await anyio.to_thread.run_sync(sys.stdin.read)
         task_group.cancel_scope.cancel()
+
+
+async def _serve_grpclib_stock() -> None:
+    from grpclib.server import Server
+
+    server = Server([EchoCompute()])
+    await server.start("127.0.0.1", 0)
+    assert server._server is not None and server._server.sockets
+    print(server._server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.to_thread(sys.stdin.read)
+    server.close()
+    await server.wait_closed()
 
 
 async def _serve_grpcio() -> None:
@@ -131,14 +148,21 @@ def serve(kind: str) -> None:
         anyio.run(_serve_grpclib, True, backend="trio")
     elif kind == "grpclib-asyncio":
         anyio.run(_serve_grpclib, False, backend="asyncio")
+    elif kind == "grpclib-stock":
+        asyncio.run(_serve_grpclib_stock())
     else:
         asyncio.run(_serve_grpcio())
 
 
-async def _time_grpclib(port: int, tensor: torch.Tensor, warmup: int, samples: int) -> list[float]:
+async def _time_grpclib(
+    port: int, tensor: torch.Tensor, warmup: int, samples: int, *, stock: bool
+) -> list[float]:
     from grpclib.client import Channel
 
-    async with Channel("127.0.0.1", port) as channel:
+    from slm_trio._http2 import TunedChannel
+
+    channel_type = Channel if stock else TunedChannel
+    async with channel_type("127.0.0.1", port) as channel:
         stub = compute_grpc.ComputeStub(channel)
         latencies = []
         for index in range(warmup + samples):
@@ -190,7 +214,8 @@ def _time_batch(kind: str, port: int, tensor: torch.Tensor, samples: int) -> lis
     warmup = 3
     if kind == "grpcio":
         return _time_grpcio(port, tensor, warmup, samples)
-    return asyncio.run(_time_grpclib(port, tensor, warmup, samples))
+    stock = kind == "grpclib-stock"
+    return asyncio.run(_time_grpclib(port, tensor, warmup, samples, stock=stock))
 
 
 def measure(*, quick: bool, rounds: int = 5) -> dict[str, dict[str, dict[str, float]]]:
@@ -199,18 +224,24 @@ def measure(*, quick: bool, rounds: int = 5) -> dict[str, dict[str, dict[str, fl
     All servers run at once, idle between batches. Each round times one batch per
     payload size and server in turn, so that load from other processes on the
     machine spreads over all servers instead of skewing one.
+
+    A first round is not counted. It brings every process to its steady state:
+    glibc's allocator maps fresh pages for large buffers until its thresholds
+    adapt to them, which made grpcio's first 1 MiB round trips about three
+    times slower than the later ones.
     """
     servers = {kind: _start_server(kind) for kind in SERVERS}
     latencies: dict[str, dict[str, list[float]]] = {kind: {} for kind in SERVERS}
     try:
-        for _ in range(rounds):
+        for round_index in range(rounds + 1):
             for label, payload_bytes in SIZES.items():
                 tensor = torch.randn(payload_bytes // 4)  # [elements] float32
                 total = (200 if quick else 2000) * (64 << 10) // payload_bytes
                 per_round = max(4, total // rounds)
                 for kind, (_, port) in servers.items():
                     batch = _time_batch(kind, port, tensor, per_round)
-                    latencies[kind].setdefault(label, []).extend(batch)
+                    if round_index > 0:
+                        latencies[kind].setdefault(label, []).extend(batch)
     finally:
         for process, _ in servers.values():
             assert process.stdin is not None
@@ -265,7 +296,7 @@ def main() -> int:
         "benchmark": "wire_roundtrip",
         "setup": (
             "loopback; each server in its own process, the client in the bench process; "
-            "5 interleaved rounds per server and payload size"
+            "5 interleaved rounds per server and payload size after one uncounted round"
         ),
         "load_average_at_end": os.getloadavg(),
         "machine": {
