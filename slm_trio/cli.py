@@ -149,6 +149,11 @@ def _add_serve(commands: Any) -> None:
         "--max-message-bytes", type=int, help="largest request message accepted, in bytes"
     )
     serve.add_argument(
+        "--max-request-tokens",
+        type=int,
+        help="maximum tokens (batch rows x new positions) in one request (default 8192)",
+    )
+    serve.add_argument(
         "--grace-period", type=float, help="seconds in-flight requests get when stopping"
     )
     serve.add_argument("--load-timeout", type=float, help="default seconds a model load may take")
@@ -422,6 +427,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         "max_sessions",
         "max_cached_tokens",
         "max_message_bytes",
+        "max_request_tokens",
         "grace_period",
         "load_timeout",
     ):

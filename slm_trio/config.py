@@ -186,6 +186,10 @@ class ServerConfig:
         max_message_bytes: The largest request message accepted, in bytes; larger
             ones are rejected before they are buffered.
         max_tensor_elements: The maximum number of elements in one tensor of a request.
+        max_request_tokens: The maximum number of tokens (batch rows times new
+            positions) in one Forward, Backward or session step. It bounds how long
+            one request can occupy a compute worker. Requests are also limited to
+            the model's context length (``max_position_embeddings``).
         session_ttl: Seconds a generation session may stay idle before it is closed.
         max_sessions: The maximum number of open generation sessions.
         max_cached_tokens: The budget of KV-cache tokens summed over all sessions.
@@ -203,6 +207,7 @@ class ServerConfig:
     max_compute_workers: int = 2
     max_message_bytes: int = 64 * 1024 * 1024
     max_tensor_elements: int = 16 * 1024 * 1024
+    max_request_tokens: int = 8192
     session_ttl: float = 300.0
     max_sessions: int = 64
     max_cached_tokens: int = 65536
@@ -230,6 +235,7 @@ class ServerConfig:
             "max_compute_workers",
             "max_message_bytes",
             "max_tensor_elements",
+            "max_request_tokens",
             "max_sessions",
             "max_cached_tokens",
         ):

@@ -184,11 +184,22 @@ def test_serve_config_merges_file_and_flags(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     args = cli.build_parser().parse_args(
-        ["serve", "--config", str(config_file), "--port", "0", "--model", "b=/b:1:3"]
+        [
+            "serve",
+            "--config",
+            str(config_file),
+            "--port",
+            "0",
+            "--max-request-tokens",
+            "512",
+            "--model",
+            "b=/b:1:3",
+        ]
     )
     config = cli._server_config(args)
     assert isinstance(config, ServerConfig)
     assert config.port == 0
+    assert config.max_request_tokens == 512
     assert config.max_models == 2
     assert config.session_ttl == 30
     assert [m.model_id for m in config.models] == ["a", "b"]

@@ -79,6 +79,7 @@ def test_server_config_defaults_to_loopback() -> None:
         ("session_ttl", 0, "session_ttl=0 is invalid"),
         ("host", "", "host='' is invalid"),
         ("max_models", True, "max_models=True is invalid"),
+        ("max_request_tokens", 0, "max_request_tokens=0 is invalid"),
     ],
 )
 def test_server_config_rejects(field: str, value: object, message: str) -> None:

@@ -44,7 +44,9 @@ pytestmark = pytest.mark.anyio
 
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_TENSOR_ELEMENTS = 32 * 1024
-MAX_CACHED_TOKENS = 64
+# The tiny trunk accepts 64 positions (max_position_embeddings), and these limits are below it.
+MAX_CACHED_TOKENS = 48
+MAX_REQUEST_TOKENS = 128
 
 
 class Garbage:
@@ -70,12 +72,12 @@ def open_request(model_id: str = "trunk", resume: str | None = None) -> compute_
     return compute_pb2.SessionRequest(open=message)
 
 
-def step_request(index: int, tokens: int = 1) -> compute_pb2.SessionRequest:
+def step_request(index: int, tokens: int = 1, start: int = 0) -> compute_pb2.SessionRequest:
     return compute_pb2.SessionRequest(
         step=compute_pb2.SessionStep(
             step_index=index,
             hidden_states=encode_tensor(torch.zeros(1, tokens, 32)),
-            position_ids=encode_tensor(torch.arange(tokens).unsqueeze(0)),
+            position_ids=encode_tensor(torch.arange(start, start + tokens).unsqueeze(0)),
         )
     )
 
@@ -305,6 +307,29 @@ CASES = [
         [open_request("plain")],
     ),
     case(
+        "forward longer than the context",
+        INVALID,
+        "65 positions per row, but model 'trunk' accepts at most 64",
+        unary,
+        "Compute.Forward",
+        forward_request(hidden_states=encode_tensor(torch.zeros(1, 65, 32))),
+    ),
+    case(
+        "request over the token limit",
+        INVALID,
+        f"150 tokens (shape [3, 50, 32]); this server accepts at most {MAX_REQUEST_TOKENS}",
+        unary,
+        "Compute.Forward",
+        forward_request(hidden_states=encode_tensor(torch.zeros(3, 50, 32))),
+    ),
+    case(
+        "session step past the context",
+        INVALID,
+        "20 new positions per row and the session's cache contains 45",
+        session,
+        [open_request(), step_request(0, tokens=45), step_request(1, tokens=20, start=45)],
+    ),
+    case(
         "session over the token budget",
         Status.RESOURCE_EXHAUSTED,
         "KV-cache budget",
@@ -337,6 +362,7 @@ async def bad_input_server(
             max_message_bytes=MAX_MESSAGE_BYTES,
             max_tensor_elements=MAX_TENSOR_ELEMENTS,
             max_cached_tokens=MAX_CACHED_TOKENS,
+            max_request_tokens=MAX_REQUEST_TOKENS,
         ),
         loader=loader,
     )

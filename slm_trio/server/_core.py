@@ -22,6 +22,7 @@ runs in worker threads. They take plain tensors and return plain tensors.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -86,9 +87,12 @@ class ComputeCore:
     times agree when handlers on the asyncio side of trio-asyncio read it.
     """
 
-    def __init__(self, target: ComputeTarget, sessions: SessionStore) -> None:
+    def __init__(
+        self, target: ComputeTarget, sessions: SessionStore, *, max_request_tokens: int
+    ) -> None:
         self.target = target
         self.sessions = sessions
+        self.max_request_tokens = max_request_tokens
         self.now = owner_clock()
 
     async def forward(
@@ -103,8 +107,10 @@ class ComputeCore:
         Cancellation: abandons the worker thread; its result is dropped.
         """
         _check_hidden(hidden, "hidden_states")
+        self._check_request_tokens(hidden)
         async with self.target.lease(model_id) as model:
             _check_trunk_like(model, model_id)
+            _check_context_length(model, model_id, hidden, cached=0)
             submitted = time.perf_counter()
             output, started, seconds = await self.target.run_compute(
                 _forward_blocking, model, hidden, position_ids, attention_mask, None
@@ -133,8 +139,10 @@ class ComputeCore:
                 f"grad_output has shape {list(grad_output.shape)}; it must match "
                 f"hidden_states' shape {list(hidden.shape)}"
             )
+        self._check_request_tokens(hidden)
         async with self.target.lease(model_id) as model:
             _check_trunk_like(model, model_id)
+            _check_context_length(model, model_id, hidden, cached=0)
             submitted = time.perf_counter()
             grad_input, started, seconds = await self.target.run_compute(
                 _backward_blocking, model, hidden, grad_output, position_ids, attention_mask
@@ -180,8 +188,10 @@ class ComputeCore:
                 f"hidden_states has shape {list(hidden.shape)}; "
                 "expected [batch, new_tokens, hidden]"
             )
+        self._check_request_tokens(hidden)
         new_tokens = int(hidden.shape[0]) * int(hidden.shape[1])
         async with self.target.lease(session.model_id) as model:
+            _check_context_length(model, session.model_id, hidden, cached=cached_positions(session))
             store = self.sessions
             store.begin_step_nowait(session, step_index, new_tokens, model=model, now=self.now())
             completed = False
@@ -216,6 +226,16 @@ class ComputeCore:
             timing=Timing(queue_seconds=started - submitted, compute_seconds=seconds),
         )
 
+    def _check_request_tokens(self, hidden: torch.Tensor) -> None:
+        """Reject a request over the server's token limit before it reaches a worker thread."""
+        tokens = _token_count(hidden)
+        if tokens > self.max_request_tokens:
+            raise InvalidTensorError(
+                f"hidden_states has {tokens} tokens (shape {list(hidden.shape)}); this server "
+                f"accepts at most {self.max_request_tokens} tokens per request "
+                "(ServerConfig.max_request_tokens). Split the batch or the sequence"
+            )
+
     def close_session_nowait(self, session: Session) -> None:
         """Close a session and free its cache."""
         self.sessions.close_nowait(session.session_id)
@@ -245,6 +265,31 @@ def _check_hidden(tensor: torch.Tensor, name: str) -> None:
         raise InvalidTensorError(
             f"{name} has dtype {tensor.dtype}; expected float32, float16 or bfloat16"
         )
+
+
+def _token_count(hidden: torch.Tensor) -> int:
+    """Count the tokens in hidden states: the product of every dimension but the last (hidden)."""
+    return math.prod(int(size) for size in hidden.shape[:-1])
+
+
+def _check_context_length(model: Any, model_id: str, hidden: torch.Tensor, *, cached: int) -> None:
+    """Reject sequences longer than the model's context, counting the positions already cached."""
+    limit = model.max_positions if isinstance(model, ModelPart) else None
+    if limit is None or hidden.dim() != 3:
+        return
+    new = int(hidden.shape[1])
+    if cached + new <= limit:
+        return
+    if cached == 0:
+        raise InvalidTensorError(
+            f"hidden_states has {new} positions per row, but model {model_id!r} accepts at "
+            f"most {limit} (max_position_embeddings). Send a shorter sequence"
+        )
+    raise InvalidTensorError(
+        f"hidden_states has {new} new positions per row and the session's cache contains "
+        f"{cached}, but model {model_id!r} accepts at most {limit} positions "
+        "(max_position_embeddings). Open a new session or send fewer tokens"
+    )
 
 
 def _check_trunk_like(model: Any, model_id: str) -> None:

@@ -152,7 +152,11 @@ class _ServerBase:
         self._task_group = task_group
         try:
             await self._enter_owned(task_group)
-            core = ComputeCore(self._compute_target(), self.sessions)
+            core = ComputeCore(
+                self._compute_target(),
+                self.sessions,
+                max_request_tokens=self.config.max_request_tokens,
+            )
             self.metrics = ServerMetrics(
                 list_models=self._list_models,
                 sessions=self.sessions,

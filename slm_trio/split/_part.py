@@ -195,6 +195,12 @@ class ModelPart(nn.Module):
     # Public API --------------------------------------------------------------------------
 
     @property
+    def max_positions(self) -> int | None:
+        """The model's context length (``max_position_embeddings``), or None when unknown."""
+        value = getattr(self.config, "max_position_embeddings", None)
+        return int(value) if value is not None else None
+
+    @property
     def dtype(self) -> torch.dtype:
         """Floating dtype of the part's parameters and outputs."""
         return self._dtype_anchor.dtype
