@@ -32,6 +32,25 @@ AttnImplementation = Literal["eager", "sdpa"]
 
 _MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+_MODEL_TYPE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Linux's PATH_MAX (4096 bytes). A longer path cannot be opened, and errors would quote it.
+_MAX_PATH_CHARS = 4096
+
+
+def _shorten(value: object, limit: int = 80) -> str:
+    """Return ``repr(value)``, cut to about ``limit`` characters so errors stay readable."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def _check_path_length(name: str, value: object) -> None:
+    if isinstance(value, str) and len(value) > _MAX_PATH_CHARS:
+        raise ConfigError(
+            f"{name}={_shorten(value)} is {len(value)} characters long; expected a path of at "
+            f"most {_MAX_PATH_CHARS} characters"
+        )
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -109,12 +128,21 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not _MODEL_ID_PATTERN.match(self.model_id):
             raise ConfigError(
-                f"model_id={self.model_id!r} is invalid; use 1-128 characters from "
+                f"model_id={_shorten(self.model_id)} is invalid; use 1-128 characters from "
                 "letters, digits and . _ : / -, starting with a letter or digit"
             )
         if not isinstance(self.model_path, str) or not self.model_path:
             raise ConfigError(
                 f"model_path={self.model_path!r} is invalid; expected a non-empty path"
+            )
+        for name in ("model_path", "config_path"):
+            _check_path_length(name, getattr(self, name))
+        if self.model_type is not None and (
+            not isinstance(self.model_type, str) or not _MODEL_TYPE_PATTERN.match(self.model_type)
+        ):
+            raise ConfigError(
+                f"model_type={_shorten(self.model_type)} is invalid; expected a transformers "
+                "model_type such as 'llama' or 'gpt2' (letters, digits, _ and -)"
             )
         _check_choice("model_format", self.model_format, get_args(ModelFormat))
         _check_choice("part", self.part, get_args(Part))
@@ -136,6 +164,11 @@ class ModelConfig:
                     "layers=(s1, s2) with 0 <= s1 <= s2 <= num_hidden_layers"
                 )
             return
+        if self.part == "full":
+            raise ConfigError(
+                f"layers={_shorten(layers)} is set for part='full', which loads every layer; "
+                "drop layers, or choose part='bottom', 'trunk' or 'top'"
+            )
         if isinstance(layers, list):
             # YAML and TOML have no tuples; accept a two-element list.
             layers = tuple(layers)

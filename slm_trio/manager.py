@@ -1073,6 +1073,15 @@ class AsyncModelManager:
             raise ManagerClosedError("this AsyncModelManager was shut down; create a new one")
 
 
+# A FAILED entry keeps its reason until the model is loaded again, and every list_models
+# call returns it, so a loader error that quotes a huge input is cut before it is stored
+# or logged.
+_MAX_REASON_CHARS = 1000
+
+
 def _describe(error: BaseException) -> str:
-    text = str(error)
-    return text if text else type(error).__name__
+    text = str(error) or type(error).__name__
+    if len(text) <= _MAX_REASON_CHARS:
+        return text
+    cut = len(text) - _MAX_REASON_CHARS
+    return f"{text[:_MAX_REASON_CHARS]}... ({cut} more characters cut)"

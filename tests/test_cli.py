@@ -277,6 +277,15 @@ async def test_generate_command(tiny_checkpoint: Path, capsys: pytest.CaptureFix
     assert "wire: sent" in err
 
 
+def test_full_part_with_layers_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["models", "load", "m", "--path", "p", "--part", "full", "--layers", "1:2"]
+    code, out, err = _run(argv, capsys)
+    assert code == 1
+    assert out == ""
+    assert "layers=(1, 2) is set for part='full'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_python_m_help() -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "slm_trio", "--help"],

@@ -34,6 +34,12 @@ def test_model_config_layers_list_becomes_tuple() -> None:
         ("load_timeout", -1, "load_timeout=-1 is invalid"),
         ("attn_implementation", "flash", "attn_implementation='flash' is invalid"),
         ("model_format", "onnx", "model_format='onnx' is invalid"),
+        ("model_path", "/x" * 2049, "model_path='/x/x.* is 4098 characters long; expected a path"),
+        ("config_path", "c" * 5000, "config_path='ccc.* is 5000 characters long"),
+        ("model_type", "llama 2", "model_type='llama 2' is invalid"),
+        ("model_type", "t" * 65, "model_type='ttt.* is invalid"),
+        ("model_id", "x" * 500, r"model_id='x{79}\.\.\. \(422 more characters\) is invalid"),
+        ("layers", (4, 26), r"layers=\(4, 26\) is set for part='full'"),
     ],
 )
 def test_model_config_rejects(field: str, value: object, message: str) -> None:

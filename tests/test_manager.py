@@ -265,6 +265,21 @@ async def test_failed_load_leaves_no_placeholder() -> None:
 
 
 @pytest.mark.anyio
+async def test_failed_load_reason_is_cut() -> None:
+    loader = FakeLoader()
+    loader.plan("a", error=OSError("no such file: " + "p" * 1_000_000))
+    async with make_manager(loader) as manager:
+        with pytest.raises(ModelLoadError):
+            await manager.load_model(config("a"))
+
+        (info,) = await manager.list_models()
+    assert info.reason is not None
+    assert info.reason.startswith("no such file: ppp")
+    assert info.reason.endswith("... (999014 more characters cut)")
+    assert len(info.reason) < 1100
+
+
+@pytest.mark.anyio
 async def test_failed_load_error_reaches_joined_waiters() -> None:
     loader = FakeLoader()
     gate = anyio.Event()
