@@ -35,6 +35,7 @@ from slm_trio.errors import (
     ModelNotFoundError,
     ModelUnloadingError,
     RemoteError,
+    ServerStartError,
     ServerUnavailableError,
     SessionBudgetError,
     SessionError,
@@ -85,6 +86,8 @@ _STATUS_BY_CLASS: dict[type, Status] = {
     ModelLoadError: Status.FAILED_PRECONDITION,
     # Client-side errors, mapped so that a proxy or a test server can send them on.
     ServerUnavailableError: Status.UNAVAILABLE,
+    # Raised only while a server starts; never sent to a client.
+    ServerStartError: Status.UNAVAILABLE,
     DeadlineExceededError: Status.DEADLINE_EXCEEDED,
     # The model exists but cannot serve this kind of request.
     UnsupportedRequestError: Status.FAILED_PRECONDITION,

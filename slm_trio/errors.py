@@ -22,6 +22,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelUnloadingError",
     "RemoteError",
+    "ServerStartError",
     "ServerUnavailableError",
     "SessionBudgetError",
     "SessionError",
@@ -128,6 +129,22 @@ class ServerUnavailableError(SlmTrioError, ConnectionError):
     The connection was refused, reset or closed, so the request may or may not have run.
     Retrying later may succeed.
     """
+
+
+class ServerStartError(SlmTrioError, OSError):
+    """Raised when a server cannot listen on its gRPC or metrics address.
+
+    The host is not a local address, or another process already uses the port.
+    """
+
+
+def listen_error(what: str, host: str, port: int, error: OSError) -> ServerStartError:
+    """Build the `ServerStartError` for a failed bind of ``what`` on ``host:port``."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return ServerStartError(
+        f"could not listen for {what} on {host}:{port}: {reason}. Use a local address such as "
+        "127.0.0.1 or 0.0.0.0, and a port that no other process uses (0 picks a free one)"
+    )
 
 
 class DeadlineExceededError(SlmTrioError, TimeoutError):

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import os
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -35,7 +36,7 @@ from torch import nn
 
 from slm_trio._proto.v1 import compute_grpc, compute_pb2, management_grpc, management_pb2
 from slm_trio.config import ModelConfig, ServerConfig
-from slm_trio.errors import ModelCapacityError
+from slm_trio.errors import ModelCapacityError, ServerStartError
 from slm_trio.loading import load_model
 from slm_trio.server import AsyncGRPCComputeServer, AsyncManagedServer, AsyncModelComputeFunction
 from slm_trio.wire import decode_tensor, encode_tensor, model_config_to_proto
@@ -669,3 +670,30 @@ async def test_open_session_blocks_eviction(tiny_model_dirs: dict[str, Path]) ->
         with pytest.raises(ModelCapacityError):
             await server.load_model(fake("b", "2"))
         assert server.manager.get_info("a").state.value == "READY"
+
+
+@pytest.mark.parametrize("which", ["port", "metrics_port"])
+async def test_busy_port_error_names_address(which: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        options: dict[str, Any] = {"port": 0, which: port}
+        what = "gRPC" if which == "port" else "metrics"
+        server = AsyncManagedServer(ServerConfig(**options), loader=Models().loader)
+
+        with pytest.raises(
+            ServerStartError, match=f"could not listen for {what} on 127.0.0.1:{port}"
+        ):
+            async with server:
+                pass
+
+        # The failed start leaves nothing running: the same object reports no port.
+        assert server.metrics_port is None
+
+
+async def test_invalid_host_error_names_host() -> None:
+    server = AsyncManagedServer(ServerConfig(host="256.1.1.1", port=0), loader=Models().loader)
+    with pytest.raises(ServerStartError, match="could not listen for gRPC on 256.1.1.1:0"):
+        async with server:
+            pass

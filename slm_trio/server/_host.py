@@ -63,7 +63,7 @@ from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
 
 from slm_trio._http2 import TunedH2Protocol
-from slm_trio.errors import ConfigError
+from slm_trio.errors import ConfigError, listen_error
 
 __all__ = ["GrpcHost", "HostStatistics", "Servable", "run_in_owner"]
 
@@ -422,7 +422,10 @@ class _AsyncioRunner:
         served: list[Servable] = [self._guarded(s, gated=True) for s in self._services]
         served += [self._guarded(s, gated=False) for s in standard]
         server = _HostedServer(served, config=self._config)
-        await server.start(host, port)
+        try:
+            await server.start(host, port)
+        except OSError as exc:
+            raise listen_error("gRPC", host, port, exc) from exc
         self._server = server
         return server.bound_port()
 

@@ -28,6 +28,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from slm_trio._status_map import status_for_error
+from slm_trio.errors import listen_error
 from slm_trio.manager import ManagerEvent, ModelInfo, ModelState
 from slm_trio.server._sessions import SessionStore
 
@@ -171,7 +172,10 @@ async def serve_metrics(
 
     Cancellation: closes the listener and every open connection.
     """
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    try:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:
+        raise listen_error("metrics", host, port, exc) from exc
     async with listener:
         bound = int(listener.extra(anyio.abc.SocketAttribute.local_port))
         logger.info("metrics.listening host=%s port=%d", host, bound)
