@@ -220,6 +220,12 @@ def _add_models(commands: Any) -> None:
     )
     load.add_argument("--load-timeout", type=float, help="seconds the load may take")
     load.add_argument("--no-wait", action="store_true", help="return once the load has started")
+    load.add_argument(
+        "--replace",
+        action="store_true",
+        help="if the id is already loaded, load this config again and swap it in; the old "
+        "model serves until then",
+    )
 
     for action in (listing, describe, unload, load):
         _add_server_option(action)
@@ -505,7 +511,7 @@ async def _models_load(args: argparse.Namespace) -> int:
         )
     )
     async with _management(args) as admin:
-        status = await admin.load_model(config, wait=not args.no_wait)
+        status = await admin.load_model(config, wait=not args.no_wait, replace=args.replace)
     if args.json:
         _print_json(_status_dict(status))
     else:

@@ -548,6 +548,34 @@ class AsyncModelManager:
 
         Cancellation: cancelling the caller abandons the new load and keeps the old model.
         """
+        entry, config, job = self._begin_reload_nowait(model_id, config)
+        return await self._run_reload(entry, config, job)
+
+    def start_reload(self, model_id: str, config: ModelConfig | None = None) -> ModelInfo:
+        """Start `reload_model` in the manager's task group and return at once.
+
+        The returned info has ``reloading`` set. A failed reload is logged and
+        keeps the old model READY.
+
+        Raises:
+            ModelNotFoundError: No READY model has this id.
+            ModelConflictError: A reload of this id is already running, or
+                ``config.model_id`` differs from ``model_id``.
+            RuntimeError: The manager is not entered with ``async with``.
+        """
+        if self._task_group is None:
+            raise RuntimeError(
+                "start_reload needs the manager's task group; use "
+                "`async with AsyncModelManager(...) as manager:` or await reload_model instead"
+            )
+        entry, config, job = self._begin_reload_nowait(model_id, config)
+        self._task_group.start_soon(self._run_background_reload, entry, config, job)
+        return entry.snapshot()
+
+    def _begin_reload_nowait(
+        self, model_id: str, config: ModelConfig | None
+    ) -> tuple[_Entry, ModelConfig, _LoadJob]:
+        self._check_open()
         entry = self._entries.get(model_id)
         if entry is None or entry.state is not ModelState.READY:
             raise ModelNotFoundError(self._not_ready_message(model_id))
@@ -561,6 +589,10 @@ class AsyncModelManager:
             raise ModelConflictError(f"model {model_id!r} is already reloading; wait for it")
         job = _LoadJob(config, self._loader, self._release_in_thread)
         entry.reloading, entry.job = True, job
+        return entry, config, job
+
+    async def _run_reload(self, entry: _Entry, config: ModelConfig, job: _LoadJob) -> ModelInfo:
+        model_id = entry.model_id
         started_at = anyio.current_time()
         self._emit("load_started", model_id)
         try:
@@ -576,6 +608,17 @@ class AsyncModelManager:
             with anyio.CancelScope(shield=True):
                 await self._release(old_model)
         return entry.snapshot()
+
+    async def _run_background_reload(
+        self, entry: _Entry, config: ModelConfig, job: _LoadJob
+    ) -> None:
+        try:
+            await self._run_reload(entry, config, job)
+        except Exception as exc:
+            # Raising would cancel the manager's task group; the old model still serves.
+            logger.warning(
+                "model.reload_failed model_id=%s reason=%s", entry.model_id, _describe(exc)
+            )
 
     def _swap_model_nowait(
         self, entry: _Entry, model: Any, config: ModelConfig, seconds: float
@@ -607,7 +650,8 @@ class AsyncModelManager:
                 return entry, False
             raise ModelConflictError(
                 f"model {config.model_id!r} is already {entry.state.value} with another config; "
-                "use reload_model to replace it, or unload it first"
+                "reload it to replace it (reload_model, or a Load request with replace set), "
+                "or unload it first"
             )
         now = anyio.current_time()
         entry = _Entry(

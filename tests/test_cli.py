@@ -240,11 +240,23 @@ async def test_models_commands(tiny_checkpoint: Path, capsys: pytest.CaptureFixt
         ]  # fmt: skip
         assert row.split()[:4] == ["tiny", "READY", "trunk", "1:3"]
 
+        # Another config for a loaded id needs --replace.
+        reload_argv = [
+            "models", "load", "tiny", "--server", address, "--path", str(tiny_checkpoint),
+            "--layers", "1:2",
+        ]  # fmt: skip
+        code, _, err = await run(*reload_argv)
+        assert code == 1
+        assert "already READY with another config" in err
+        code, out, err = await run(*reload_argv, "--replace", "--json")
+        assert code == 0, err
+        assert json.loads(out)["layers"] == [1, 2]
+
         code, out, _ = await run("models", "describe", "tiny", "--server", address, "--json")
         assert code == 0
         described = json.loads(out)
-        assert described["facts"]["layer_range"] == [1, 3]
-        assert described["model"]["layers"] == [1, 3]
+        assert described["facts"]["layer_range"] == [1, 2]
+        assert described["model"]["layers"] == [1, 2]
 
         code, out, _ = await run("models", "unload", "tiny", "--server", address)
         assert code == 0

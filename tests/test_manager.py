@@ -653,6 +653,53 @@ async def test_failed_reload_keeps_old_model() -> None:
         assert (await manager.get_model("a")) is first
 
 
+@pytest.mark.anyio
+async def test_start_reload_swaps_in_background() -> None:
+    loader = FakeLoader()
+    async with make_manager(loader) as manager:
+        await manager.load_model(config("a"))
+        first = await manager.get_model("a")
+        gate = anyio.Event()
+        loader.plan("a", gate=gate)
+
+        info = manager.start_reload("a")
+        assert info.state is ModelState.READY
+        assert info.reloading
+        with pytest.raises(ModelConflictError, match="already reloading"):
+            manager.start_reload("a")
+        assert (await manager.get_model("a")) is first
+
+        gate.set()
+        while manager.get_info("a").reloading:
+            await anyio.sleep(0.01)
+        assert (await manager.get_model("a")) is not first
+        assert first in loader.released
+
+
+@pytest.mark.anyio
+async def test_start_reload_failure_keeps_old_model(caplog: pytest.LogCaptureFixture) -> None:
+    loader = FakeLoader()
+    async with make_manager(loader) as manager:
+        await manager.load_model(config("a"))
+        first = await manager.get_model("a")
+        loader.plan("a", error=RuntimeError("corrupt"))
+
+        manager.start_reload("a")
+        while manager.get_info("a").reloading:
+            await anyio.sleep(0.01)
+
+        assert states(manager) == {"a": "READY"}
+        assert (await manager.get_model("a")) is first
+    assert "model.reload_failed model_id=a reason=" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_start_reload_rejects_unknown_id() -> None:
+    async with make_manager(FakeLoader()) as manager:
+        with pytest.raises(ModelNotFoundError):
+            manager.start_reload("missing")
+
+
 # -- lifecycle ------------------------------------------------------------------
 
 

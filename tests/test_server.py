@@ -185,10 +185,14 @@ async def list_models(port: int) -> dict[str, management_pb2.ModelInfo]:
     return {m.model_id: m for m in reply.models}
 
 
-async def load(port: int, config: ModelConfig, wait: bool) -> management_pb2.ModelInfo:
+async def load(
+    port: int, config: ModelConfig, wait: bool, replace: bool = False
+) -> management_pb2.ModelInfo:
     async with Channel("127.0.0.1", port) as channel:
         reply = await management_grpc.ManagementStub(channel).Load(
-            management_pb2.LoadRequest(config=model_config_to_proto(config), wait=wait)
+            management_pb2.LoadRequest(
+                config=model_config_to_proto(config), wait=wait, replace=replace
+            )
         )
     return reply.model
 
@@ -406,6 +410,53 @@ async def test_load_and_unload_over_wire() -> None:
 
         await call(unload, server.port)
         assert await call(list_models, server.port) == {}
+
+
+async def test_load_with_replace_swaps_model() -> None:
+    models = Models()
+    ones = torch.ones(1, 1, 2)
+    async with managed(models) as (server, call):
+        await call(load, server.port, fake("m", "2"), True)
+
+        # Without replace, another config for a READY id is a conflict.
+        status, message, _ = await call(
+            expect_error,
+            server.port,
+            "Load",
+            management_pb2.LoadRequest(config=model_config_to_proto(fake("m", "3")), wait=True),
+            "management",
+        )
+        assert status == Status.ALREADY_EXISTS
+        assert "Load request with replace set" in message
+
+        info = await call(load, server.port, fake("m", "3"), True, True)
+        assert info.state == management_pb2.MODEL_STATE_READY
+        assert torch.equal(await call(forward, server.port, "m", ones), 3 * ones)
+
+        # A reload that has not finished leaves the old model serving.
+        gate = models.load_gates["m"] = threading.Event()
+        info = await call(load, server.port, fake("m", "5"), False, True)
+        assert info.state == management_pb2.MODEL_STATE_READY
+        assert torch.equal(await call(forward, server.port, "m", ones), 3 * ones)
+        gate.set()
+        while not torch.equal(await call(forward, server.port, "m", ones), 5 * ones):
+            await anyio.sleep(0.01)
+
+        # A failed reload keeps the old model.
+        broken = ModelConfig(model_id="m", model_path="/nonexistent/model.gguf")
+        status, message, _ = await call(
+            expect_error,
+            server.port,
+            "Load",
+            management_pb2.LoadRequest(
+                config=model_config_to_proto(broken), wait=True, replace=True
+            ),
+            "management",
+        )
+        assert status != Status.OK
+        assert "/nonexistent/model.gguf" in message
+        assert torch.equal(await call(forward, server.port, "m", ones), 5 * ones)
+        assert (await call(list_models, server.port))["m"].state == management_pb2.MODEL_STATE_READY
 
 
 async def test_failed_load_reported_with_reason() -> None:

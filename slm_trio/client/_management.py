@@ -161,7 +161,12 @@ class ManagementClient:
         return ModelDescription(status=ModelStatus.from_proto(reply.model), facts=facts)
 
     async def load_model(
-        self, config: ModelConfig, *, wait: bool = True, call_timeout: float | None = None
+        self,
+        config: ModelConfig,
+        *,
+        wait: bool = True,
+        replace: bool = False,
+        call_timeout: float | None = None,
     ) -> ModelStatus:
         """Ask the server to load a model and return its entry.
 
@@ -169,13 +174,16 @@ class ManagementClient:
             config: What to load; ``model_path`` is a path on the server's machine.
             wait: If true, return once the model is ready or its load failed; if false,
                 return as soon as the load has started.
+            replace: If true and the id is READY, load ``config`` again and swap it in.
+                The old model serves requests until then, and stays if the new load fails.
             call_timeout: Seconds this call may take. The default is the client's call timeout
                 when ``wait`` is false, and no limit when it is true, because loads can take
                 minutes.
 
         Raises:
             ModelLoadError: The load failed (with ``wait``), for example a missing tensor.
-            ModelConflictError: The id is loaded with another config.
+            ModelConflictError: The id is loaded with another config and ``replace`` is false,
+                or a reload of the id is already running.
             ModelCapacityError: The server has no room and nothing can be evicted.
             ConfigError: The server rejected a config field.
 
@@ -183,7 +191,9 @@ class ManagementClient:
         """
         if call_timeout is None and not wait:
             call_timeout = self.call_timeout
-        request = management_pb2.LoadRequest(config=model_config_to_proto(config), wait=wait)
+        request = management_pb2.LoadRequest(
+            config=model_config_to_proto(config), wait=wait, replace=replace
+        )
 
         async def attempt() -> management_pb2.LoadResponse:
             reply, _, _ = await self._connection.unary(

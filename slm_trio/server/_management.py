@@ -70,16 +70,26 @@ class ManagementService(ManagementBase):
                     raise GRPCError(Status.INVALID_ARGUMENT, "LoadRequest.config is missing")
                 config = model_config_from_proto(request.config)
                 observation.model_id = config.model_id
-                info = await run_in_owner(self._load, config, request.wait)
+                info = await run_in_owner(self._load, config, request.wait, request.replace)
                 await stream.send_message(
                     management_pb2.LoadResponse(model=model_info_to_proto(info, now=self._now()))
                 )
 
-    async def _load(self, config: Any, wait: bool) -> ModelInfo:
+    async def _load(self, config: Any, wait: bool, replace: bool) -> ModelInfo:
+        if replace and self._is_ready(config.model_id):
+            if wait:
+                return await self._manager.reload_model(config.model_id, config)
+            return self._manager.start_reload(config.model_id, config)
         handle = self._manager.start_load(config)
         if wait:
             return await handle.wait()
         return self._manager.get_info(config.model_id)
+
+    def _is_ready(self, model_id: str) -> bool:
+        try:
+            return self._manager.get_info(model_id).state is ModelState.READY
+        except ModelNotFoundError:
+            return False
 
     async def Unload(
         self, stream: Stream[management_pb2.UnloadRequest, management_pb2.UnloadResponse]

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#slm_trio/_proto/v1/management.proto\x12\x0bslm_trio.v1\"%\n\x0bSplitPoints\x12\n\n\x02s1\x18\x01 \x01(\r\x12\n\n\x02s2\x18\x02 \x01(\r\"\xbb\x02\n\x0bModelConfig\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0cmodel_format\x18\x03 \x01(\t\x12\x17\n\nmodel_type\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0b\x63onfig_path\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x0c\n\x04part\x18\x06 \x01(\t\x12(\n\x06layers\x18\x07 \x01(\x0b\x32\x18.slm_trio.v1.SplitPoints\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x1b\n\x13\x61ttn_implementation\x18\n \x01(\t\x12\x19\n\x0cload_timeout\x18\x0b \x01(\x01H\x02\x88\x01\x01\x42\r\n\x0b_model_typeB\x0e\n\x0c_config_pathB\x0f\n\r_load_timeout\"\xbf\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.slm_trio.v1.ModelState\x12\x13\n\x06reason\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08progress\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04part\x18\x05 \x01(\t\x12(\n\x06layers\x18\x06 \x01(\x0b\x32\x18.slm_trio.v1.SplitPoints\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x19\n\x0cload_seconds\x18\t \x01(\x01H\x02\x88\x01\x01\x12\x17\n\x0f\x61\x63tive_requests\x18\n \x01(\r\x12\x18\n\x10seconds_in_state\x18\x0b \x01(\x01\x42\t\n\x07_reasonB\x0b\n\t_progressB\x0f\n\r_load_seconds\"\xa2\x01\n\nModelFacts\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x19\n\x11num_hidden_layers\x18\x03 \x01(\r\x12\x13\n\x0blayer_start\x18\x04 \x01(\r\x12\x12\n\nlayer_stop\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x13\n\x0btorch_dtype\x18\x07 \x01(\t\"E\n\x0bLoadRequest\x12(\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x18.slm_trio.v1.ModelConfig\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"5\n\x0cLoadResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.slm_trio.v1.ModelInfo\"!\n\rUnloadRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\"\n\x0eUnloadResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\r\n\x0bListRequest\"6\n\x0cListResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.slm_trio.v1.ModelInfo\"#\n\x0f\x44\x65scribeRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"a\n\x10\x44\x65scribeResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.slm_trio.v1.ModelInfo\x12&\n\x05\x66\x61\x63ts\x18\x02 \x01(\x0b\x32\x17.slm_trio.v1.ModelFacts*\x8c\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x32\x92\x02\n\nManagement\x12;\n\x04Load\x12\x18.slm_trio.v1.LoadRequest\x1a\x19.slm_trio.v1.LoadResponse\x12\x41\n\x06Unload\x12\x1a.slm_trio.v1.UnloadRequest\x1a\x1b.slm_trio.v1.UnloadResponse\x12;\n\x04List\x12\x18.slm_trio.v1.ListRequest\x1a\x19.slm_trio.v1.ListResponse\x12G\n\x08\x44\x65scribe\x12\x1c.slm_trio.v1.DescribeRequest\x1a\x1d.slm_trio.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#slm_trio/_proto/v1/management.proto\x12\x0bslm_trio.v1\"%\n\x0bSplitPoints\x12\n\n\x02s1\x18\x01 \x01(\r\x12\n\n\x02s2\x18\x02 \x01(\r\"\xbb\x02\n\x0bModelConfig\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0cmodel_format\x18\x03 \x01(\t\x12\x17\n\nmodel_type\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0b\x63onfig_path\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x0c\n\x04part\x18\x06 \x01(\t\x12(\n\x06layers\x18\x07 \x01(\x0b\x32\x18.slm_trio.v1.SplitPoints\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x1b\n\x13\x61ttn_implementation\x18\n \x01(\t\x12\x19\n\x0cload_timeout\x18\x0b \x01(\x01H\x02\x88\x01\x01\x42\r\n\x0b_model_typeB\x0e\n\x0c_config_pathB\x0f\n\r_load_timeout\"\xbf\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.slm_trio.v1.ModelState\x12\x13\n\x06reason\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08progress\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04part\x18\x05 \x01(\t\x12(\n\x06layers\x18\x06 \x01(\x0b\x32\x18.slm_trio.v1.SplitPoints\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x19\n\x0cload_seconds\x18\t \x01(\x01H\x02\x88\x01\x01\x12\x17\n\x0f\x61\x63tive_requests\x18\n \x01(\r\x12\x18\n\x10seconds_in_state\x18\x0b \x01(\x01\x42\t\n\x07_reasonB\x0b\n\t_progressB\x0f\n\r_load_seconds\"\xa2\x01\n\nModelFacts\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x19\n\x11num_hidden_layers\x18\x03 \x01(\r\x12\x13\n\x0blayer_start\x18\x04 \x01(\r\x12\x12\n\nlayer_stop\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x13\n\x0btorch_dtype\x18\x07 \x01(\t\"V\n\x0bLoadRequest\x12(\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x18.slm_trio.v1.ModelConfig\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"5\n\x0cLoadResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.slm_trio.v1.ModelInfo\"!\n\rUnloadRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\"\n\x0eUnloadResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\r\n\x0bListRequest\"6\n\x0cListResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.slm_trio.v1.ModelInfo\"#\n\x0f\x44\x65scribeRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"a\n\x10\x44\x65scribeResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.slm_trio.v1.ModelInfo\x12&\n\x05\x66\x61\x63ts\x18\x02 \x01(\x0b\x32\x17.slm_trio.v1.ModelFacts*\x8c\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x32\x92\x02\n\nManagement\x12;\n\x04Load\x12\x18.slm_trio.v1.LoadRequest\x1a\x19.slm_trio.v1.LoadResponse\x12\x41\n\x06Unload\x12\x1a.slm_trio.v1.UnloadRequest\x1a\x1b.slm_trio.v1.UnloadResponse\x12;\n\x04List\x12\x18.slm_trio.v1.ListRequest\x1a\x19.slm_trio.v1.ListResponse\x12G\n\x08\x44\x65scribe\x12\x1c.slm_trio.v1.DescribeRequest\x1a\x1d.slm_trio.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slm_trio._proto.v1.management_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=1301
-  _globals['_MODELSTATE']._serialized_end=1441
+  _globals['_MODELSTATE']._serialized_start=1318
+  _globals['_MODELSTATE']._serialized_end=1458
   _globals['_SPLITPOINTS']._serialized_start=52
   _globals['_SPLITPOINTS']._serialized_end=89
   _globals['_MODELCONFIG']._serialized_start=92
@@ -42,21 +42,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELFACTS']._serialized_start=732
   _globals['_MODELFACTS']._serialized_end=894
   _globals['_LOADREQUEST']._serialized_start=896
-  _globals['_LOADREQUEST']._serialized_end=965
-  _globals['_LOADRESPONSE']._serialized_start=967
-  _globals['_LOADRESPONSE']._serialized_end=1020
-  _globals['_UNLOADREQUEST']._serialized_start=1022
-  _globals['_UNLOADREQUEST']._serialized_end=1055
-  _globals['_UNLOADRESPONSE']._serialized_start=1057
-  _globals['_UNLOADRESPONSE']._serialized_end=1091
-  _globals['_LISTREQUEST']._serialized_start=1093
-  _globals['_LISTREQUEST']._serialized_end=1106
-  _globals['_LISTRESPONSE']._serialized_start=1108
-  _globals['_LISTRESPONSE']._serialized_end=1162
-  _globals['_DESCRIBEREQUEST']._serialized_start=1164
-  _globals['_DESCRIBEREQUEST']._serialized_end=1199
-  _globals['_DESCRIBERESPONSE']._serialized_start=1201
-  _globals['_DESCRIBERESPONSE']._serialized_end=1298
-  _globals['_MANAGEMENT']._serialized_start=1444
-  _globals['_MANAGEMENT']._serialized_end=1718
+  _globals['_LOADREQUEST']._serialized_end=982
+  _globals['_LOADRESPONSE']._serialized_start=984
+  _globals['_LOADRESPONSE']._serialized_end=1037
+  _globals['_UNLOADREQUEST']._serialized_start=1039
+  _globals['_UNLOADREQUEST']._serialized_end=1072
+  _globals['_UNLOADRESPONSE']._serialized_start=1074
+  _globals['_UNLOADRESPONSE']._serialized_end=1108
+  _globals['_LISTREQUEST']._serialized_start=1110
+  _globals['_LISTREQUEST']._serialized_end=1123
+  _globals['_LISTRESPONSE']._serialized_start=1125
+  _globals['_LISTRESPONSE']._serialized_end=1179
+  _globals['_DESCRIBEREQUEST']._serialized_start=1181
+  _globals['_DESCRIBEREQUEST']._serialized_end=1216
+  _globals['_DESCRIBERESPONSE']._serialized_start=1218
+  _globals['_DESCRIBERESPONSE']._serialized_end=1315
+  _globals['_MANAGEMENT']._serialized_start=1461
+  _globals['_MANAGEMENT']._serialized_end=1735
 # @@protoc_insertion_point(module_scope)

@@ -99,12 +99,14 @@ class ModelFacts(_message.Message):
     def __init__(self, model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_hidden_layers: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., vocab_size: _Optional[int] = ..., torch_dtype: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("config", "wait")
+    __slots__ = ("config", "wait", "replace")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
     config: ModelConfig
     wait: bool
-    def __init__(self, config: _Optional[_Union[ModelConfig, _Mapping]] = ..., wait: _Optional[bool] = ...) -> None: ...
+    replace: bool
+    def __init__(self, config: _Optional[_Union[ModelConfig, _Mapping]] = ..., wait: _Optional[bool] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class LoadResponse(_message.Message):
     __slots__ = ("model",)
