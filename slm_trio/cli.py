@@ -29,6 +29,7 @@ from slm_trio.client import (
     GenerationResult,
     ManagementClient,
     ModelStatus,
+    SamplingConfig,
     open_management_client,
     open_split_client,
 )
@@ -535,7 +536,15 @@ def _management(args: argparse.Namespace) -> Any:
     return open_management_client(host, port)
 
 
+def _check_generation_args(args: argparse.Namespace) -> None:
+    """Reject bad sampling flags before the slow checkpoint load, with the client's messages."""
+    SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens!r} is invalid; expected >= 1")
+
+
 async def _generate(args: argparse.Namespace) -> int:
+    _check_generation_args(args)
     host, port = args.server
     async with open_split_client(
         host,
@@ -574,6 +583,7 @@ async def _stream_answer(
 
 
 async def _demo(args: argparse.Namespace) -> int:
+    _check_generation_args(args)
     checkpoint = find_demo_checkpoint(args.weights_package)
     if checkpoint is None:
         print(

@@ -289,6 +289,26 @@ async def test_generate_command(tiny_checkpoint: Path, capsys: pytest.CaptureFix
     assert "wire: sent" in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--top-p", "2"], "top_p=2.0 is invalid"),
+        (["--temperature", "-1"], "temperature=-1.0 is invalid"),
+        (["--max-new-tokens", "0"], "--max-new-tokens=0 is invalid"),
+    ],
+)
+def test_generate_checks_flags_before_loading(
+    capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    # Neither the checkpoint nor the server exists: a flag error must come first.
+    argv = ["generate", "hi", "--model", "m", "--checkpoint", "/nonexistent", "--server"]
+    code, out, err = _run([*argv, "127.0.0.1:1", *flags], capsys)
+    assert code == 1
+    assert out == ""
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_full_part_with_layers_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["models", "load", "m", "--path", "p", "--part", "full", "--layers", "1:2"]
     code, out, err = _run(argv, capsys)
