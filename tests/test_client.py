@@ -28,6 +28,7 @@ from slm_trio.client import (
     open_management_client,
     open_split_client,
 )
+from slm_trio.client._generation import decode_new_text
 from slm_trio.config import ModelConfig, ServerConfig
 from slm_trio.errors import (
     ConfigError,
@@ -962,6 +963,54 @@ async def test_grpc_server_down(tiny: Tiny) -> None:
             pass
 
 
+# Incremental detokenization ------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte. Like SentencePiece, decoding drops one leading space."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(token_ids).decode("utf-8", errors="replace").removeprefix(" ")
+
+
+def stream_texts(tokenizer: Any, token_ids: list[int]) -> list[str]:
+    """Feed ``token_ids`` one at a time to `decode_new_text`, and return each step's text."""
+    texts, prefix, read = [], 0, 0
+    for count in range(1, len(token_ids) + 1):
+        text, prefix, read = decode_new_text(tokenizer, token_ids[:count], prefix, read)
+        texts.append(text)
+    return texts
+
+
+def test_decode_new_text_joins_to_whole_text() -> None:
+    tokenizer = ByteTokenizer()
+    token_ids = tokenizer.encode("Hello wörld, 你好 👋 and  two spaces")
+
+    texts = stream_texts(tokenizer, token_ids)
+
+    assert "".join(texts) == tokenizer.decode(token_ids)
+    assert "\ufffd" not in "".join(texts)
+    # The 4-byte emoji arrives as one piece, after its last byte.
+    assert "👋" in texts
+
+
+def test_decode_new_text_window_stays_short() -> None:
+    class CountingTokenizer(ByteTokenizer):
+        longest = 0
+
+        def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+            self.longest = max(self.longest, len(token_ids))
+            return super().decode(token_ids, skip_special_tokens)
+
+    tokenizer = CountingTokenizer()
+    stream_texts(tokenizer, tokenizer.encode("word " * 200))
+
+    assert tokenizer.longest <= 2
+
+
 # The real model ----------------------------------------------------------------------------
 
 SMOLLM2_LAYERS = (4, 26)
@@ -986,6 +1035,17 @@ def smollm2_parts(smollm2_path: Path) -> dict[str, Any]:
         ModelConfig(model_id="smollm2", model_path=str(smollm2_path))
     )
     return parts
+
+
+@pytest.mark.slow
+def test_smollm2_stream_text_equals_decode(smollm2_parts: dict[str, Any]) -> None:
+    tokenizer = smollm2_parts["tokenizer"]
+    text = "The capital of France is Paris.\n  Indented, 你好, naïve café 👋!"
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+
+    texts = stream_texts(tokenizer, token_ids)
+
+    assert "".join(texts) == tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
 @pytest.mark.slow

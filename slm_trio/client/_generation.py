@@ -53,7 +53,7 @@ from slm_trio.client._transport import TrunkReply, TrunkSession, TrunkTransport
 from slm_trio.errors import ConfigError, SessionError
 from slm_trio.split import ModelPart, PartCache
 
-__all__ = ["GenerationContext", "GenerationSpec", "TokenStream", "prepare_batch"]
+__all__ = ["GenerationContext", "GenerationSpec", "TokenStream", "decode_new_text", "prepare_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,10 @@ class _GenerationRun:
         self._session_clean = True
 
         self._generated: list[list[int]] = [[] for _ in range(rows)]
-        self._texts = [""] * rows
+        # Incremental detokenization per row: the text of tokens [prefix, read) was streamed
+        # already, and the next step decodes only from ``prefix`` on.
+        self._prefix_offsets = [0] * rows
+        self._read_offsets = [0] * rows
         self._reasons: list[str | None] = [None] * rows
         self._index = 0
         self.done = False
@@ -327,13 +330,10 @@ class _GenerationRun:
         tokenizer = self._context.tokenizer
         if tokenizer is None:
             return ""
-        text = str(tokenizer.decode(self._generated[row], skip_special_tokens=True))
-        if text.endswith("\ufffd"):
-            # The token ends inside a multi-byte character; wait for the rest of it.
-            return ""
-        new = text[len(self._texts[row]) :] if text.startswith(self._texts[row]) else text
-        self._texts[row] = text
-        return new
+        text, self._prefix_offsets[row], self._read_offsets[row] = decode_new_text(
+            tokenizer, self._generated[row], self._prefix_offsets[row], self._read_offsets[row]
+        )
+        return text
 
     async def _local(self, fn: Any, *args: Any) -> Any:
         # Not abandoned on cancellation: the thread writes into a cache that later steps read.
@@ -591,3 +591,24 @@ def validate_rows(rows: list[list[int]], vocab_size: int) -> None:
                     f"prompt {index} has token id {token!r}; expected integers in "
                     f"[0, {vocab_size}) (the vocabulary size)"
                 )
+
+
+def decode_new_text(
+    tokenizer: Any, token_ids: list[int], prefix: int, read: int
+) -> tuple[str, int, int]:
+    """Return the text that the newest tokens add, and the offsets for the next call.
+
+    The text of ``token_ids[prefix:read]`` was returned already. Both decodes here start
+    at ``prefix``, so a tokenizer that drops the leading space of a sequence drops it from
+    both, and their difference is the new text. Decoding a short window instead of the
+    whole row keeps streaming linear in the number of tokens.
+
+    Returns:
+        ``(text, prefix, read)``: the text is empty, and the offsets unchanged, while the
+        tokens end inside a multi-byte character or add no printable text.
+    """
+    before = str(tokenizer.decode(token_ids[prefix:read], skip_special_tokens=True))
+    text = str(tokenizer.decode(token_ids[prefix:], skip_special_tokens=True))
+    if len(text) <= len(before) or text.endswith("\ufffd"):
+        return "", prefix, read
+    return text[len(before) :], read, len(token_ids)
