@@ -22,10 +22,13 @@ acknowledgement arrives and checks a whole read against the old one, so a peer
 that sends large frames right after its acknowledgement, in the same TCP read,
 would otherwise trip a FRAME_SIZE_ERROR.
 
-NOTE: the quiet DATA frames register their class in ``H2Connection``'s private
-frame dispatch table. When that table is missing (another ``h2`` version), the
-connection keeps ``h2``'s own frames and only the frame size changes;
-tests/test_http2.py fails in that case so the loss does not go unnoticed.
+NOTE: this module relies on private parts of its dependencies, each covered by
+tests/test_http2.py. grpclib 0.4's ``_protocol_factory`` (of `Server` and
+`Channel`) and ``Connection._connection`` supply the protocol and the ``h2``
+connection. The quiet DATA frames register their class in ``H2Connection``'s
+private frame dispatch table. When that table is missing (another ``h2``
+version), the connection keeps ``h2``'s own frames and only the frame size
+changes, and tests/test_http2.py fails so the loss does not go unnoticed.
 """
 
 from __future__ import annotations
