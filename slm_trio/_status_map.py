@@ -23,6 +23,7 @@ from grpclib.exceptions import GRPCError
 
 from slm_trio import errors
 from slm_trio.errors import (
+    ComputeInterruptedError,
     ConfigError,
     DeadlineExceededError,
     InvalidTensorError,
@@ -86,6 +87,8 @@ _STATUS_BY_CLASS: dict[type, Status] = {
     ModelLoadError: Status.FAILED_PRECONDITION,
     # Client-side errors, mapped so that a proxy or a test server can send them on.
     ServerUnavailableError: Status.UNAVAILABLE,
+    # Raised only in a worker thread whose request is already cancelled.
+    ComputeInterruptedError: Status.CANCELLED,
     # Raised only while a server starts; never sent to a client.
     ServerStartError: Status.UNAVAILABLE,
     DeadlineExceededError: Status.DEADLINE_EXCEEDED,

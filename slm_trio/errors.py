@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "ComputeInterruptedError",
     "ConfigError",
     "DeadlineExceededError",
     "InvalidTensorError",
@@ -128,6 +129,14 @@ class ServerUnavailableError(SlmTrioError, ConnectionError):
 
     The connection was refused, reset or closed, so the request may or may not have run.
     Retrying later may succeed.
+    """
+
+
+class ComputeInterruptedError(SlmTrioError):
+    """Raised inside a forward pass that stopped between layers because its request was cancelled.
+
+    `ModelPart.forward` raises it when its ``should_stop`` callback returns true. The
+    server uses this to free a compute worker soon after a client's deadline passes.
     """
 
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from slm_trio._proto.v1 import compute_grpc, compute_pb2, management_grpc, management_pb2
 from slm_trio.config import ModelConfig, ServerConfig
-from slm_trio.errors import ModelCapacityError, ServerStartError
+from slm_trio.errors import ComputeInterruptedError, ModelCapacityError, ServerStartError
 from slm_trio.loading import load_model
 from slm_trio.server import AsyncGRPCComputeServer, AsyncManagedServer, AsyncModelComputeFunction
 from slm_trio.wire import decode_tensor, encode_tensor, model_config_to_proto
@@ -77,9 +77,13 @@ class Models:
     def __init__(self) -> None:
         self.blocking = Blocking()
         self.load_gates: dict[str, threading.Event] = {}
+        # Models built by a test, by model_path.
+        self.preloaded: dict[str, Any] = {}
 
     def loader(self, config: ModelConfig, progress: Callable[[float], None]) -> Any:
         path = config.model_path
+        if path in self.preloaded:
+            return self.preloaded[path]
         if not path.startswith("fake:"):
             return load_model(config, progress)
         gate = self.load_gates.get(config.model_id)
@@ -519,6 +523,80 @@ async def test_deadline_cancels_slow_compute() -> None:
         assert torch.equal(
             await call(forward, server.port, "double", torch.ones(1, 1, 2)), 2 * torch.ones(1, 1, 2)
         )
+
+
+class GatedLayer(nn.Module):
+    """Runs ``layer`` once ``release`` is set; ``entered`` is set when the call starts."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        self.release.wait(30)
+        return self.layer(*args, **kwargs)
+
+
+class CountingLayer(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.calls = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.layer(*args, **kwargs)
+
+
+async def test_deadline_stops_worker_between_layers(tiny_model_dirs: dict[str, Path]) -> None:
+    part = load_model(trunk_config(tiny_model_dirs["llama"]))  # layers 1 and 2
+    gated = GatedLayer(part.model.layers["1"])
+    counting = CountingLayer(part.model.layers["2"])
+    part.model.layers["1"], part.model.layers["2"] = gated, counting
+
+    # Record how the worker thread's pass over the layers ended.
+    outcome: list[BaseException | None] = []
+    done = threading.Event()
+    run_layers = part._run_layers
+
+    def recorded_run_layers(*args: Any) -> Any:
+        try:
+            result = run_layers(*args)
+        except BaseException as error:
+            outcome.append(error)
+            raise
+        else:
+            outcome.append(None)
+            return result
+        finally:
+            done.set()
+
+    part._run_layers = recorded_run_layers  # type: ignore[method-assign]
+    models = Models()
+    models.preloaded["preloaded:gated"] = part
+    async with managed(models) as (server, call):
+        await server.load_model(
+            ModelConfig(model_id="gated", model_path="preloaded:gated", part="trunk", layers=(1, 3))
+        )
+
+        with pytest.raises((GRPCError, TimeoutError)):
+            await call(slow_forward, server.port, "gated", torch.ones(1, 2, 32))
+        assert gated.entered.is_set()
+
+        # The request is gone; the thread finishes its layer and stops before the next.
+        gated.release.set()
+        assert await anyio.to_thread.run_sync(done.wait, 30)
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], ComputeInterruptedError)
+        assert counting.calls == 0
+
+        # The server keeps serving the same model.
+        reply = await call(forward, server.port, "gated", torch.ones(1, 2, 32))
+        assert reply.shape == (1, 2, 32)
+        assert counting.calls == 1
 
 
 async def test_stop_lets_in_flight_finish() -> None:

@@ -315,6 +315,17 @@ CASES = [
         forward_request(hidden_states=encode_tensor(torch.zeros(1, 65, 32))),
     ),
     case(
+        "position id past the context",
+        INVALID,
+        "position id 1000000000000000 is out of range; model 'trunk' accepts positions 0 to 63",
+        unary,
+        "Compute.Forward",
+        forward_request(
+            hidden_states=encode_tensor(torch.zeros(1, 2, 32)),
+            position_ids=encode_tensor(torch.tensor([[0, 10**15]])),
+        ),
+    ),
+    case(
         "request over the token limit",
         INVALID,
         f"150 tokens (shape [3, 50, 32]); this server accepts at most {MAX_REQUEST_TOKENS}",
@@ -327,7 +338,8 @@ CASES = [
         INVALID,
         "20 new positions per row and the session's cache contains 45",
         session,
-        [open_request(), step_request(0, tokens=45), step_request(1, tokens=20, start=45)],
+        # Positions 40-59 are in range, but 45 cached and 20 new positions exceed 64.
+        [open_request(), step_request(0, tokens=45), step_request(1, tokens=20, start=40)],
     ),
     case(
         "session over the token budget",

@@ -9,7 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, OPTConfig, OPTForCausalLM
 
-from slm_trio.errors import ConfigError, InvalidTensorError, UnsupportedArchitectureError
+from slm_trio.errors import (
+    ComputeInterruptedError,
+    ConfigError,
+    InvalidTensorError,
+    UnsupportedArchitectureError,
+)
 from slm_trio.split import (
     ModelPart,
     PartCache,
@@ -318,6 +323,36 @@ def test_failed_forward_leaves_cache_unchanged(
     assert all(
         layer.keys is before for layer, before in zip(cache.kv.layers, keys_before, strict=True)
     )
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_should_stop_interrupts_between_layers(
+    tiny_config: Callable[..., Any], model_type: str
+) -> None:
+    model = build_whole(tiny_config, model_type, "sdpa")
+    trunk = split_model(model, (1, 3)).trunk  # layers 1 and 2
+    cache = trunk.new_cache()
+    with torch.inference_mode():
+        trunk(torch.randn(1, 4, 32), cache=cache)
+    bytes_before = cache.nbytes
+
+    # Allow the first layer, then ask to stop before the second.
+    checks: list[int] = []
+
+    def should_stop() -> bool:
+        checks.append(len(checks))
+        return len(checks) > 1
+
+    with torch.inference_mode(), pytest.raises(ComputeInterruptedError, match="cancelled"):
+        trunk(torch.randn(1, 2, 32), cache=cache, should_stop=should_stop)
+
+    assert len(checks) == 2
+    assert cache.seq_length == 4
+    assert cache.nbytes == bytes_before
+    with torch.inference_mode():
+        output = trunk(torch.randn(1, 2, 32), cache=cache, should_stop=lambda: False)
+    assert output.shape == (1, 2, 32)
+    assert cache.seq_length == 6
 
 
 def test_forward_keeps_autograd_graph(tiny_config: Callable[..., Any]) -> None:

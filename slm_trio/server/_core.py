@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -104,17 +105,19 @@ class ComputeCore:
     ) -> tuple[torch.Tensor, Timing]:
         """Run the model named ``model_id`` on one batch, without gradients.
 
-        Cancellation: abandons the worker thread; its result is dropped.
+        Cancellation: abandons the worker thread and drops its result. A `ModelPart`
+        stops at its next decoder layer, so the thread ends soon after.
         """
         _check_hidden(hidden, "hidden_states")
         self._check_request_tokens(hidden)
         async with self.target.lease(model_id) as model:
             _check_trunk_like(model, model_id)
-            _check_context_length(model, model_id, hidden, cached=0)
+            _check_context_length(model, model_id, hidden, position_ids, cached=0)
             submitted = time.perf_counter()
-            output, started, seconds = await self.target.run_compute(
-                _forward_blocking, model, hidden, position_ids, attention_mask, None
-            )
+            with _stop_on_exit() as stop:
+                output, started, seconds = await self.target.run_compute(
+                    _forward_blocking, model, hidden, position_ids, attention_mask, None, stop
+                )
         return output, Timing(queue_seconds=started - submitted, compute_seconds=seconds)
 
     async def backward(
@@ -130,7 +133,8 @@ class ComputeCore:
         The model's parameter gradients are not accumulated: the server only
         backpropagates to its input.
 
-        Cancellation: abandons the worker thread; its result is dropped.
+        Cancellation: abandons the worker thread and drops its result. A `ModelPart`
+        stops at its next decoder layer, so the thread ends soon after.
         """
         _check_hidden(hidden, "hidden_states")
         _check_hidden(grad_output, "grad_output")
@@ -142,11 +146,18 @@ class ComputeCore:
         self._check_request_tokens(hidden)
         async with self.target.lease(model_id) as model:
             _check_trunk_like(model, model_id)
-            _check_context_length(model, model_id, hidden, cached=0)
+            _check_context_length(model, model_id, hidden, position_ids, cached=0)
             submitted = time.perf_counter()
-            grad_input, started, seconds = await self.target.run_compute(
-                _backward_blocking, model, hidden, grad_output, position_ids, attention_mask
-            )
+            with _stop_on_exit() as stop:
+                grad_input, started, seconds = await self.target.run_compute(
+                    _backward_blocking,
+                    model,
+                    hidden,
+                    grad_output,
+                    position_ids,
+                    attention_mask,
+                    stop,
+                )
         return grad_input, Timing(queue_seconds=started - submitted, compute_seconds=seconds)
 
     async def open_session(self, model_id: str, resume_session_id: str | None) -> Session:
@@ -191,7 +202,9 @@ class ComputeCore:
         self._check_request_tokens(hidden)
         new_tokens = int(hidden.shape[0]) * int(hidden.shape[1])
         async with self.target.lease(session.model_id) as model:
-            _check_context_length(model, session.model_id, hidden, cached=cached_positions(session))
+            _check_context_length(
+                model, session.model_id, hidden, position_ids, cached=cached_positions(session)
+            )
             store = self.sessions
             store.begin_step_nowait(session, step_index, new_tokens, model=model, now=self.now())
             completed = False
@@ -199,14 +212,16 @@ class ComputeCore:
             try:
                 submitted = time.perf_counter()
                 try:
-                    output, started, seconds = await self.target.run_compute(
-                        _forward_blocking,
-                        model,
-                        hidden,
-                        position_ids,
-                        attention_mask,
-                        session.cache,
-                    )
+                    with _stop_on_exit() as stop:
+                        output, started, seconds = await self.target.run_compute(
+                            _forward_blocking,
+                            model,
+                            hidden,
+                            position_ids,
+                            attention_mask,
+                            session.cache,
+                            stop,
+                        )
                 except Exception:
                     # ModelPart.forward leaves the cache as it was when it raises.
                     cache_intact = True
@@ -272,11 +287,29 @@ def _token_count(hidden: torch.Tensor) -> int:
     return math.prod(int(size) for size in hidden.shape[:-1])
 
 
-def _check_context_length(model: Any, model_id: str, hidden: torch.Tensor, *, cached: int) -> None:
-    """Reject sequences longer than the model's context, counting the positions already cached."""
+def _check_context_length(
+    model: Any,
+    model_id: str,
+    hidden: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    *,
+    cached: int,
+) -> None:
+    """Reject sequences longer than the model's context, counting the positions already cached.
+
+    Position ids past the context are rejected too: rotary models accept any value but
+    were never trained on them.
+    """
     limit = model.max_positions if isinstance(model, ModelPart) else None
     if limit is None or hidden.dim() != 3:
         return
+    if position_ids is not None and position_ids.numel() > 0:
+        highest = int(position_ids.max())
+        if highest >= limit:
+            raise InvalidTensorError(
+                f"position id {highest} is out of range; model {model_id!r} accepts positions "
+                f"0 to {limit - 1} (max_position_embeddings)"
+            )
     new = int(hidden.shape[1])
     if cached + new <= limit:
         return
@@ -298,6 +331,20 @@ def _check_trunk_like(model: Any, model_id: str) -> None:
             f"model {model_id!r} is a {model.kind} part; the server runs hidden states through "
             "trunk parts only (load it with part='trunk')"
         )
+
+
+@contextmanager
+def _stop_on_exit() -> Iterator[threading.Event]:
+    """Yield an event that is set when the block exits, normally or by cancellation.
+
+    The event goes to the worker thread, which checks it between decoder layers: an
+    abandoned thread then stops early instead of finishing work whose result is dropped.
+    """
+    stop = threading.Event()
+    try:
+        yield stop
+    finally:
+        stop.set()
 
 
 # -- blocking work, run in compute worker threads ------------------------------------------
@@ -335,10 +382,15 @@ def _call_model(
     position_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     cache: Any,
+    stop: threading.Event | None,
 ) -> torch.Tensor:
     if isinstance(model, ModelPart):
         result: torch.Tensor = model(
-            hidden, position_ids=position_ids, attention_mask=attention_mask, cache=cache
+            hidden,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            should_stop=stop.is_set if stop is not None else None,
         )
         return result
     # A plain module (AsyncModelComputeFunction) takes the hidden states alone.
@@ -354,8 +406,13 @@ def _forward_blocking(
     position_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     cache: Any,
+    stop: threading.Event | None = None,
 ) -> tuple[torch.Tensor, float, float]:
-    """Return ``(output, start time, compute seconds)``; the output has the input's dtype."""
+    """Return ``(output, start time, compute seconds)``; the output has the input's dtype.
+
+    A `ModelPart` checks ``stop`` before each decoder layer and raises
+    `ComputeInterruptedError` once it is set.
+    """
     started = time.perf_counter()
     with torch.inference_mode():
         # [batch, seq, hidden] in the model's dtype and device.
@@ -367,6 +424,7 @@ def _forward_blocking(
             _prepare(model, position_ids, float_=False),
             _prepare(model, attention_mask, float_=False),
             cache,
+            stop,
         )
         output = output.to(device="cpu", dtype=hidden.dtype)
     return output, started, time.perf_counter() - started
@@ -378,6 +436,7 @@ def _backward_blocking(
     grad_output: torch.Tensor,
     position_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
+    stop: threading.Event,
 ) -> tuple[torch.Tensor, float, float]:
     """Return ``(grad_input, start time, compute seconds)`` in the input's dtype."""
     started = time.perf_counter()
@@ -391,6 +450,7 @@ def _backward_blocking(
             _prepare(model, position_ids, float_=False),
             _prepare(model, attention_mask, float_=False),
             None,
+            stop,
         )
         grad = _prepare(model, grad_output, float_=True)
         assert grad is not None

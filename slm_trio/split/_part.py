@@ -23,6 +23,7 @@ with the "dynamic" and "longrope" rotary types, whose rotary module rewrites its
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -34,7 +35,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from slm_trio.errors import InvalidTensorError
+from slm_trio.errors import ComputeInterruptedError, InvalidTensorError
 
 __all__ = ["ModelPart", "PartCache", "PartKind"]
 
@@ -170,8 +171,12 @@ class ModelPart(nn.Module):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         kv: DynamicCache | None,
+        should_stop: Callable[[], bool] | None,
     ) -> torch.Tensor:
-        """Run this part's decoder layers over ``hidden`` ``[batch, seq, hidden]``."""
+        """Run this part's decoder layers over ``hidden`` ``[batch, seq, hidden]``.
+
+        Call `stop_if_requested` before each layer.
+        """
 
     @abstractmethod
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -250,6 +255,7 @@ class ModelPart(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: PartCache | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
         """Run this part over one chunk of a sequence batch.
 
@@ -264,6 +270,10 @@ class ModelPart(nn.Module):
             cache: The cache from `new_cache` for this sequence batch. The layers attend to
                 the cached keys and values and append the new ones in place. Without a cache
                 this is a plain full-sequence forward.
+            should_stop: Called before each decoder layer, from the thread that runs the
+                forward; when it returns true the forward stops and raises
+                `ComputeInterruptedError`. A server passes one so that a cancelled request
+                frees its worker thread after at most one more layer.
 
         Returns:
             Hidden states ``[batch, seq, hidden]``, or logits ``[batch, seq, vocab]`` for the
@@ -273,6 +283,7 @@ class ModelPart(nn.Module):
             InvalidTensorError: A tensor has the wrong shape, dtype or values, or does not
                 match the cache.
             ValueError: ``cache`` was made by a part with other layers.
+            ComputeInterruptedError: ``should_stop`` returned true.
 
         The autograd graph is kept when grad is enabled; wrap inference in
         ``torch.inference_mode()``. If the forward raises, the cache is left unchanged.
@@ -293,7 +304,7 @@ class ModelPart(nn.Module):
             else:
                 hidden = inputs.to(device=self.device, dtype=self.dtype)
             if self.num_layers > 0:
-                hidden = self._run_layers(hidden, position_ids, attention_mask, kv)
+                hidden = self._run_layers(hidden, position_ids, attention_mask, kv, should_stop)
             output = self._head(hidden) if self.kind == "top" else hidden
         except BaseException:
             if cache is not None and snapshot is not None:
@@ -419,3 +430,9 @@ class ModelPart(nn.Module):
         ):
             raise InvalidTensorError("attention_mask has values other than 0 and 1")
         return attention_mask
+
+
+def stop_if_requested(should_stop: Callable[[], bool] | None) -> None:
+    """Raise `ComputeInterruptedError` when ``should_stop`` is given and returns true."""
+    if should_stop is not None and should_stop():
+        raise ComputeInterruptedError("the forward pass stopped because its request was cancelled")

@@ -9,6 +9,7 @@ detect packed sequences.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from slm_trio.errors import UnsupportedArchitectureError
-from slm_trio.split._part import ModelPart, PartKind
+from slm_trio.split._part import ModelPart, PartKind, stop_if_requested
 
 __all__ = ["MODEL_TYPES", "GPT2Part"]
 
@@ -103,6 +104,7 @@ class GPT2Part(ModelPart):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         kv: DynamicCache | None,
+        should_stop: Callable[[], bool] | None,
     ) -> torch.Tensor:
         # Built before any block appends to the cache, which sizes the mask.
         mask = create_causal_mask(
@@ -113,6 +115,7 @@ class GPT2Part(ModelPart):
             position_ids=position_ids,
         )
         for block in self.transformer.h.values():
+            stop_if_requested(should_stop)
             # [batch, seq, hidden]
             hidden = block(
                 hidden,

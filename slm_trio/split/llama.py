@@ -38,7 +38,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 from slm_trio.errors import UnsupportedArchitectureError
-from slm_trio.split._part import ModelPart, PartKind
+from slm_trio.split._part import ModelPart, PartKind, stop_if_requested
 
 __all__ = ["MODEL_TYPES", "LlamaFamilyPart"]
 
@@ -164,6 +164,7 @@ class LlamaFamilyPart(ModelPart):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         kv: DynamicCache | None,
+        should_stop: Callable[[], bool] | None,
     ) -> torch.Tensor:
         if self.model.rotary_emb is None:
             raise RuntimeError(f"{self.kind} part has layers but no rotary embedding")
@@ -188,6 +189,7 @@ class LlamaFamilyPart(ModelPart):
         for layer, attention_type in zip(
             self.model.layers.values(), self._attention_types, strict=True
         ):
+            stop_if_requested(should_stop)
             # [batch, seq, hidden]
             hidden = layer(
                 hidden,
