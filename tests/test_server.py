@@ -728,12 +728,25 @@ async def test_session_budget_and_expiry(tiny_model_dirs: dict[str, Path]) -> No
     config = trunk_config(tiny_model_dirs["llama"])
     async with managed(Models(), max_cached_tokens=6, session_ttl=30.0) as (server, call):
         await server.load_model(config)
-        opened, _ = await call(
+        first, _ = await call(
             session_run, server.port, "llama-trunk", [torch.randn(1, 4, 32)], close=False
         )
         assert server.sessions.statistics().cached_tokens == 4
+        while server.sessions.get_nowait(first.session_id).attached:
+            await anyio.sleep(0.01)
 
-        # A second session cannot cache 4 more tokens: 8 > 6.
+        # A second session needs 4 more tokens (8 > 6): the first one's stream is gone, so
+        # the server reclaims it instead of rejecting the new work.
+        second, _ = await call(
+            session_run, server.port, "llama-trunk", [torch.randn(1, 4, 32)], close=False
+        )
+        assert server.sessions.statistics().reclaimed == 1
+        assert server.sessions.statistics().cached_tokens == 4
+        status, message = await call(session_error, server.port, [resume_request(first)])
+        assert status == Status.NOT_FOUND
+        assert "KV-cache budget was full and its stream had broken" in message
+
+        # A step that cannot fit even after reclaiming is rejected, and nothing is reclaimed.
         status, message = await call(
             session_error,
             server.port,
@@ -741,32 +754,33 @@ async def test_session_budget_and_expiry(tiny_model_dirs: dict[str, Path]) -> No
                 compute_pb2.SessionRequest(open=compute_pb2.SessionOpen(model_id="llama-trunk")),
                 compute_pb2.SessionRequest(
                     step=compute_pb2.SessionStep(
-                        step_index=0, hidden_states=encode_tensor(torch.randn(1, 4, 32))
+                        step_index=0, hidden_states=encode_tensor(torch.randn(1, 7, 32))
                     )
                 ),
             ],
         )
         assert status == Status.RESOURCE_EXHAUSTED
         assert "KV-cache budget" in message
-        # The rejected session was closed at once; only the first one remains.
+        # The rejected session was closed at once; only the second one remains.
         assert server.sessions.statistics().sessions == 1
+        assert server.sessions.statistics().reclaimed == 1
 
         # Expiry frees the tokens; resuming an expired session fails with NOT_FOUND.
-        while server.sessions.get_nowait(opened.session_id).attached:
+        while server.sessions.get_nowait(second.session_id).attached:
             await anyio.sleep(0.01)
         expired = server.sessions.expire_nowait(
-            now=server.sessions.get_nowait(opened.session_id).last_active + 31
+            now=server.sessions.get_nowait(second.session_id).last_active + 31
         )
-        assert opened.session_id in expired
+        assert second.session_id in expired
         assert server.sessions.statistics().cached_tokens == 0
-        resume = compute_pb2.SessionOpen(
-            model_id="llama-trunk", resume_session_id=opened.session_id
-        )
-        status, message = await call(
-            session_error, server.port, [compute_pb2.SessionRequest(open=resume)]
-        )
+        status, message = await call(session_error, server.port, [resume_request(second)])
         assert status == Status.NOT_FOUND
-        assert "unknown or expired" in message
+        assert "closed because it was idle for more than 30 s" in message
+
+
+def resume_request(opened: compute_pb2.SessionOpened) -> compute_pb2.SessionRequest:
+    resume = compute_pb2.SessionOpen(model_id="llama-trunk", resume_session_id=opened.session_id)
+    return compute_pb2.SessionRequest(open=resume)
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from slm_trio.errors import SessionBudgetError, SessionError, SessionStepError
-from slm_trio.server._sessions import SessionStore
+from slm_trio.server._sessions import Session, SessionStore
 
 MODEL = object()
 
@@ -50,7 +50,7 @@ def test_interrupted_step_closes_session() -> None:
     sessions.end_step_nowait(session, 5, completed=False, cache_intact=False, now=0.0)
     assert sessions.statistics().sessions == 0
     assert sessions.statistics().cached_tokens == 0
-    with pytest.raises(SessionError, match="unknown or expired"):
+    with pytest.raises(SessionError, match="closed because a step was interrupted"):
         sessions.get_nowait(session.session_id)
 
 
@@ -69,6 +69,78 @@ def test_max_sessions_rejects_open() -> None:
     sessions.open_nowait("m", MODEL, cache=None, now=0.0)
     with pytest.raises(SessionBudgetError, match="1 open sessions, its maximum"):
         sessions.open_nowait("m", MODEL, cache=None, now=0.0)
+
+
+def with_tokens(sessions: SessionStore, tokens: int, *, now: float) -> Session:
+    """Open a session and complete one step of ``tokens`` tokens."""
+    session = sessions.open_nowait("m", MODEL, cache=None, now=now)
+    sessions.begin_step_nowait(session, 0, tokens, model=MODEL, now=now)
+    sessions.end_step_nowait(session, tokens, completed=True, cache_intact=False, now=now)
+    return session
+
+
+def test_open_reclaims_oldest_detached_session() -> None:
+    sessions = store(max_sessions=3)
+    older = with_tokens(sessions, 5, now=0.0)
+    newer = with_tokens(sessions, 5, now=1.0)
+    attached = with_tokens(sessions, 5, now=0.5)
+    sessions.detach_nowait(newer, now=2.0)
+    sessions.detach_nowait(older, now=1.5)
+
+    opened = sessions.open_nowait("m", MODEL, cache=None, now=3.0)
+
+    assert sessions.statistics().sessions == 3
+    assert sessions.statistics().reclaimed == 1
+    assert sessions.statistics().cached_tokens == 10
+    with pytest.raises(SessionError, match="session limit was reached .* reclaimed"):
+        sessions.resume_nowait(older.session_id, "m", now=3.0)
+    assert sessions.get_nowait(newer.session_id) is newer
+    assert sessions.get_nowait(attached.session_id) is attached
+    assert sessions.get_nowait(opened.session_id) is opened
+
+
+def test_open_never_reclaims_attached_session() -> None:
+    sessions = store(max_sessions=2)
+    with_tokens(sessions, 5, now=0.0)
+    with_tokens(sessions, 5, now=0.0)
+    with pytest.raises(SessionBudgetError, match="every one is attached to a stream"):
+        sessions.open_nowait("m", MODEL, cache=None, now=1.0)
+    assert sessions.statistics().reclaimed == 0
+
+
+def test_step_reclaims_detached_for_budget() -> None:
+    sessions = store(max_cached_tokens=50)
+    detached = with_tokens(sessions, 30, now=0.0)
+    sessions.detach_nowait(detached, now=0.0)
+    active = with_tokens(sessions, 10, now=0.0)
+
+    sessions.begin_step_nowait(active, 1, 20, model=MODEL, now=1.0)
+
+    assert sessions.statistics().cached_tokens == 30
+    assert sessions.statistics().reclaimed == 1
+    with pytest.raises(SessionError, match="KV-cache budget was full"):
+        sessions.get_nowait(detached.session_id)
+
+
+def test_step_reclaims_nothing_when_it_cannot_fit() -> None:
+    sessions = store(max_cached_tokens=50)
+    detached = with_tokens(sessions, 10, now=0.0)
+    sessions.detach_nowait(detached, now=0.0)
+    active = with_tokens(sessions, 30, now=0.0)
+    with pytest.raises(SessionBudgetError, match="40 of 50 tokens are cached"):
+        sessions.begin_step_nowait(active, 1, 25, model=MODEL, now=1.0)
+    assert sessions.get_nowait(detached.session_id) is detached
+    assert sessions.statistics().reclaimed == 0
+
+
+def test_step_does_not_reclaim_own_session() -> None:
+    sessions = store(max_cached_tokens=50)
+    session = with_tokens(sessions, 40, now=0.0)
+    sessions.detach_nowait(session, now=0.0)
+    sessions.resume_nowait(session.session_id, "m", now=1.0)
+    with pytest.raises(SessionBudgetError, match="40 of 50 tokens are cached"):
+        sessions.begin_step_nowait(session, 1, 20, model=MODEL, now=1.0)
+    assert sessions.statistics().reclaimed == 0
 
 
 @pytest.mark.parametrize("index", [1, 7])
@@ -125,6 +197,8 @@ def test_expiry_after_ttl() -> None:
     assert sessions.statistics().cached_tokens == 0
     assert sessions.statistics().expired == 1
     assert sessions.next_expiry_nowait() == math.inf
+    with pytest.raises(SessionError, match="closed because it was idle for more than 10 s"):
+        sessions.get_nowait(session.session_id)
 
 
 def test_busy_session_never_expires() -> None:

@@ -20,6 +20,12 @@ trio-asyncio bridge. Its invariants:
 - A session is bound to the model object it was opened on; after a reload or
   unload its steps fail with `SessionError` rather than mix two models' caches.
 - At most one stream is attached to a session at a time.
+- A detached session (its stream broke) is kept only for a resume, so it
+  yields to new work: when the session limit or the token budget is reached,
+  the detached session idle longest is closed (reclaimed) first. A client whose
+  session was reclaimed rebuilds it by replaying its tokens, as after expiry.
+- The store remembers why recently closed sessions closed, so a late resume or
+  step gets that reason instead of "unknown".
 
 Expiry runs in `run_expiry`, a task the server's nursery owns.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +46,9 @@ from slm_trio.errors import SessionBudgetError, SessionError, SessionStepError
 __all__ = ["Session", "SessionStatistics", "SessionStore"]
 
 logger = logging.getLogger(__name__)
+
+# How many closed session ids keep their closing reason for later error messages.
+_REMEMBERED_CLOSED = 1024
 
 
 @dataclass(eq=False, kw_only=True)
@@ -74,6 +84,7 @@ class SessionStatistics:
     max_cached_tokens: int
     opened: int
     expired: int
+    reclaimed: int
     rejected_for_budget: int
 
 
@@ -94,7 +105,9 @@ class SessionStore:
         self._cached_tokens = 0
         self._opened = 0
         self._expired = 0
+        self._reclaimed = 0
         self._rejected_for_budget = 0
+        self._closed_reasons: OrderedDict[str, str] = OrderedDict()
 
     def __repr__(self) -> str:
         return (
@@ -110,6 +123,7 @@ class SessionStore:
             max_cached_tokens=self.max_cached_tokens,
             opened=self._opened,
             expired=self._expired,
+            reclaimed=self._reclaimed,
             rejected_for_budget=self._rejected_for_budget,
         )
 
@@ -120,10 +134,12 @@ class SessionStore:
             SessionBudgetError: ``max_sessions`` sessions are already open.
         """
         if len(self._sessions) >= self.max_sessions:
+            self._reclaim_detached(exclude=None, reason="the session limit was reached")
+        if len(self._sessions) >= self.max_sessions:
             self._rejected_for_budget += 1
             raise SessionBudgetError(
-                f"the server already has {len(self._sessions)} open sessions, its maximum; "
-                "close idle sessions or retry later"
+                f"the server already has {len(self._sessions)} open sessions, its maximum, "
+                "and every one is attached to a stream; close finished sessions or retry later"
             )
         session_id = secrets.token_hex(8)
         session = Session(
@@ -170,6 +186,11 @@ class SessionStore:
         """
         session = self._sessions.get(session_id)
         if session is None:
+            reason = self._closed_reasons.get(session_id)
+            if reason is not None:
+                raise SessionError(
+                    f"session {session_id!r} was closed because {reason}; open a new session"
+                )
             raise SessionError(
                 f"session {session_id!r} is unknown or expired (sessions expire after "
                 f"{self.ttl:g} s idle); open a new session"
@@ -208,6 +229,8 @@ class SessionStore:
                 f"got step_index={step_index}; steps must be sent in order without gaps"
             )
         if self._cached_tokens + new_tokens > self.max_cached_tokens:
+            self._reclaim_for_tokens(new_tokens, exclude=session)
+        if self._cached_tokens + new_tokens > self.max_cached_tokens:
             self._rejected_for_budget += 1
             raise SessionBudgetError(
                 f"step of {new_tokens} tokens does not fit in the server's KV-cache budget: "
@@ -240,7 +263,7 @@ class SessionStore:
             self._cached_tokens -= new_tokens
         if not cache_intact:
             session.broken = "a step was interrupted before it finished"
-            self.close_nowait(session.session_id)
+            self.close_nowait(session.session_id, reason=session.broken)
 
     def detach_nowait(self, session: Session, *, now: float) -> None:
         """Mark a session's stream as gone; the session stays for `ttl` seconds.
@@ -254,13 +277,22 @@ class SessionStore:
         session.attached = False
         session.last_active = now
 
-    def close_nowait(self, session_id: str) -> Session | None:
-        """Close a session and free its cache; return it, or None if it was not open."""
+    def close_nowait(self, session_id: str, *, reason: str | None = None) -> Session | None:
+        """Close a session and free its cache; return it, or None if it was not open.
+
+        Args:
+            reason: Why the server closed it, completing "was closed because ...", for
+                the error a later resume or step gets. None for a close the client asked for.
+        """
         session = self._sessions.pop(session_id, None)
         if session is None:
             return None
         self._cached_tokens -= session.tokens
         session.cache = None
+        if reason is not None:
+            self._closed_reasons[session_id] = reason
+            while len(self._closed_reasons) > _REMEMBERED_CLOSED:
+                self._closed_reasons.popitem(last=False)
         logger.debug(
             "session.closed session_id=%s model_id=%s tokens=%d",
             session_id,
@@ -277,7 +309,7 @@ class SessionStore:
         """Close every session of a model (after an unload); return how many."""
         ids = [s.session_id for s in self._sessions.values() if s.model_id == model_id]
         for session_id in ids:
-            self.close_nowait(session_id)
+            self.close_nowait(session_id, reason=f"model {model_id!r} was unloaded")
         return len(ids)
 
     def expire_nowait(self, *, now: float) -> list[str]:
@@ -288,7 +320,7 @@ class SessionStore:
             if not s.busy and now - s.last_active > self.ttl
         ]
         for session_id in expired:
-            self.close_nowait(session_id)
+            self.close_nowait(session_id, reason=f"it was idle for more than {self.ttl:g} s")
             self._expired += 1
             logger.info("session.expired session_id=%s ttl=%g", session_id, self.ttl)
         return expired
@@ -307,6 +339,41 @@ class SessionStore:
         while True:
             await anyio.sleep(interval)
             self.expire_nowait(now=anyio.current_time())
+
+    def _reclaim_for_tokens(self, new_tokens: int, *, exclude: Session) -> None:
+        """Reclaim detached sessions until ``new_tokens`` fit, if reclaiming can make them fit."""
+        reclaimable = sum(
+            s.tokens for s in self._sessions.values() if self._is_reclaimable(s, exclude)
+        )
+        if self._cached_tokens - reclaimable + new_tokens > self.max_cached_tokens:
+            return
+        while self._cached_tokens + new_tokens > self.max_cached_tokens:
+            self._reclaim_detached(exclude=exclude, reason="the KV-cache budget was full")
+
+    @staticmethod
+    def _is_reclaimable(session: Session, exclude: Session | None) -> bool:
+        return not session.attached and not session.busy and session is not exclude
+
+    def _reclaim_detached(self, *, exclude: Session | None, reason: str) -> bool:
+        """Close the detached session idle longest to make room; return whether one was closed."""
+        candidates = [
+            s for s in self._sessions.values() if not s.attached and not s.busy and s is not exclude
+        ]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda s: s.last_active)
+        self.close_nowait(
+            victim.session_id, reason=f"{reason} and its stream had broken (it was reclaimed)"
+        )
+        self._reclaimed += 1
+        logger.info(
+            "session.reclaimed session_id=%s model_id=%s tokens=%d reason=%s",
+            victim.session_id,
+            victim.model_id,
+            victim.tokens,
+            reason,
+        )
+        return True
 
     def _check_usable(self, session: Session) -> None:
         if session.broken is not None:
