@@ -72,7 +72,9 @@ _STATUS_BY_CLASS: dict[type, Status] = {
     # The session exists, but the step does not follow the previous one.
     SessionStepError: Status.FAILED_PRECONDITION,
     ModelLoadingError: Status.UNAVAILABLE,
-    ModelUnloadingError: Status.UNAVAILABLE,
+    # Only a new load makes the id usable again, so retrying as for UNAVAILABLE would
+    # only repeat the error until the model is gone (then NOT_FOUND).
+    ModelUnloadingError: Status.FAILED_PRECONDITION,
     # The server is shutting down, so another server (or a later retry) can succeed.
     ManagerClosedError: Status.UNAVAILABLE,
     LoadCancelledError: Status.UNAVAILABLE,

@@ -115,7 +115,7 @@ def test_policy_no_retries() -> None:
     ("error", "retryable"),
     [
         (ModelLoadingError("loading", retry_after=1.0), True),
-        (ModelUnloadingError("unloading"), True),
+        (ModelUnloadingError("unloading"), False),
         (ManagerClosedError("shutting down"), True),
         (LoadCancelledError("cancelled"), True),
         (ServerUnavailableError("connection refused"), True),

@@ -37,7 +37,7 @@ from slm_trio.errors import (
         (ModelNotFoundError("model 'm' not found"), Status.NOT_FOUND),
         (SessionError("session 's' expired"), Status.NOT_FOUND),
         (ModelLoadingError("model 'm' is loading"), Status.UNAVAILABLE),
-        (ModelUnloadingError("model 'm' is unloading"), Status.UNAVAILABLE),
+        (ModelUnloadingError("model 'm' is unloading"), Status.FAILED_PRECONDITION),
         (InvalidTensorError("hidden_states is invalid"), Status.INVALID_ARGUMENT),
         (ConfigError("part='x' is invalid"), Status.INVALID_ARGUMENT),
         (ModelCapacityError("no room"), Status.RESOURCE_EXHAUSTED),
