@@ -27,6 +27,7 @@ import json
 import logging
 import pickle
 import re
+import struct
 import time
 import zipfile
 from abc import ABC, abstractmethod
@@ -224,6 +225,12 @@ def _read_hf_config(config: ModelConfig, path: Path, model_format: str) -> Pretr
         where = str(path)
         try:
             hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        except struct.error as exc:
+            # The gguf reader unpacks fields past the end of a truncated file.
+            raise CheckpointError(
+                f"GGUF file {where!r} ({path.stat().st_size} bytes) ends in the middle of "
+                f"its metadata, so it is truncated or corrupt: {exc}. Copy the file again"
+            ) from exc
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"GGUF metadata of {where!r} could not be read: {exc}") from exc
         return hf_config  # type: ignore[no-any-return]
@@ -497,7 +504,7 @@ class _GGUFSource(_TensorSource):
     def __init__(self, path: Path, hf_config: PretrainedConfig, whole: nn.Module) -> None:
         try:
             self._reader = GGUFReader(str(path))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, struct.error) as exc:
             raise CheckpointError(f"GGUF file {str(path)!r} could not be read: {exc}") from exc
         fields: Any = read_field(self._reader, "general.architecture")  # type: ignore[no-untyped-call]
         architecture = str(fields[0])

@@ -457,6 +457,18 @@ def test_progress_exception_stops_load(tiny_model_dirs: dict[str, Path]) -> None
         load_model(config, cancel_midway)
 
 
+@pytest.mark.parametrize("size", [12, 1_000_000])
+def test_damaged_gguf_is_named(smollm2_path: Path, tmp_path: Path, size: int) -> None:
+    damaged = tmp_path / "damaged.gguf"
+    with smollm2_path.open("rb") as source:
+        damaged.write_bytes(source.read(size))
+    config = ModelConfig(model_id="x", model_path=str(damaged), part="trunk", layers=(4, 26))
+    with pytest.raises(CheckpointError, match=f"{str(damaged)!r}") as info:
+        load_model(config)
+    if size > 100:
+        assert f"({size} bytes) ends in the middle of its metadata" in str(info.value)
+
+
 def test_missing_path_is_named(tmp_path: Path) -> None:
     path = str(tmp_path / "absent")
 
