@@ -91,7 +91,7 @@ _STATUS_BY_CLASS: dict[type, Status] = {
     ServerUnavailableError: Status.UNAVAILABLE,
     # Raised only in a worker thread whose request is already cancelled.
     ComputeInterruptedError: Status.CANCELLED,
-    # Raised only while a server starts; never sent to a client.
+    # Raised only while a server starts, so it is never sent to a client.
     ServerStartError: Status.UNAVAILABLE,
     DeadlineExceededError: Status.DEADLINE_EXCEEDED,
     # The model exists but cannot serve this kind of request.

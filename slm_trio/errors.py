@@ -147,11 +147,11 @@ class ServerStartError(SlmTrioError, OSError):
     """
 
 
-def listen_error(what: str, host: str, port: int, error: OSError) -> ServerStartError:
-    """Build the `ServerStartError` for a failed bind of ``what`` on ``host:port``."""
+def listen_error(listener: str, host: str, port: int, error: OSError) -> ServerStartError:
+    """Build the `ServerStartError` for a failed bind of ``listener``, "gRPC" or "metrics"."""
     reason = error.strerror or str(error) or type(error).__name__
     return ServerStartError(
-        f"could not listen for {what} on {host}:{port}: {reason}. Use a local address such as "
+        f"could not listen for {listener} on {host}:{port}: {reason}. Use a local address such as "
         "127.0.0.1 or 0.0.0.0, and a port that no other process uses (0 picks a free one)"
     )
 

@@ -271,7 +271,7 @@ class ModelPart(nn.Module):
                 the cached keys and values and append the new ones in place. Without a cache
                 this is a plain full-sequence forward.
             should_stop: Called before each decoder layer, from the thread that runs the
-                forward; when it returns true the forward stops and raises
+                forward. When it returns true, the forward stops and raises
                 `ComputeInterruptedError`. A server passes one so that a cancelled request
                 frees its worker thread after at most one more layer.
 
