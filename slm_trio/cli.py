@@ -9,6 +9,7 @@ logs instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.metadata
 import json
@@ -52,6 +53,11 @@ DEMO_MODEL_ID = "smollm2-trunk"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+# ServerConfig's field defaults, which the serve flags' help text shows.
+_SERVER_CONFIG_DEFAULTS: dict[str, Any] = {
+    field.name: field.default for field in dataclasses.fields(ServerConfig)
+}
 
 _MODEL_SPEC = re.compile(r"^(?P<id>[^=]+)=(?P<path>.+?)(?::(?P<s1>\d+):(?P<s2>\d+))?$")
 
@@ -133,31 +139,72 @@ def _add_serve(commands: Any) -> None:
     )
     serve.set_defaults(command=_serve)
     serve.add_argument("--config", type=Path, help="server config file (.yaml, .yml or .toml)")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="TCP port; 0 picks a free one (default 50051)")
-    serve.add_argument("--max-models", type=int, help="maximum number of ready models")
+    serve.add_argument("--host", help=f"address to bind {_config_default('host')}")
     serve.add_argument(
-        "--metrics-port", type=int, help="port of the Prometheus endpoint; 0 picks a free one"
+        "--port", type=int, help=f"TCP port; 0 picks a free one {_config_default('port')}"
     )
     serve.add_argument(
-        "--session-ttl", type=float, help="seconds an idle generation session is kept"
-    )
-    serve.add_argument("--max-sessions", type=int, help="maximum number of open sessions")
-    serve.add_argument(
-        "--max-cached-tokens", type=int, help="KV-cache budget in tokens over all sessions"
+        "--max-models",
+        type=int,
+        help=f"maximum number of ready models {_config_default('max_models')}",
     )
     serve.add_argument(
-        "--max-message-bytes", type=int, help="largest request message accepted, in bytes"
+        "--metrics-port",
+        type=int,
+        help="port of the Prometheus endpoint; 0 picks a free one "
+        + _config_default("metrics_port", none="none, so no endpoint"),
+    )
+    serve.add_argument(
+        "--session-ttl",
+        type=float,
+        help=f"seconds an idle generation session is kept {_config_default('session_ttl')}",
+    )
+    serve.add_argument(
+        "--max-sessions",
+        type=int,
+        help=f"maximum number of open sessions {_config_default('max_sessions')}",
+    )
+    serve.add_argument(
+        "--max-cached-tokens",
+        type=int,
+        help="KV-cache budget in tokens over all sessions " + _config_default("max_cached_tokens"),
+    )
+    serve.add_argument(
+        "--max-message-bytes",
+        type=int,
+        help="largest request message accepted, in bytes "
+        + _config_default("max_message_bytes", mebibytes=True),
+    )
+    serve.add_argument(
+        "--max-request-bytes-in-flight",
+        type=int,
+        help="bytes of request messages that all calls together may hold at once; a message "
+        "that would exceed it is rejected unless no other request is in flight "
+        + _config_default("max_request_bytes_in_flight", mebibytes=True),
+    )
+    serve.add_argument(
+        "--max-tensor-elements",
+        type=int,
+        help="maximum number of elements in one tensor of a request "
+        + _config_default("max_tensor_elements"),
     )
     serve.add_argument(
         "--max-request-tokens",
         type=int,
-        help="maximum tokens (batch rows x new positions) in one request (default 8192)",
+        help="maximum tokens (batch rows x new positions) in one request "
+        + _config_default("max_request_tokens"),
     )
     serve.add_argument(
-        "--grace-period", type=float, help="seconds in-flight requests get when stopping"
+        "--grace-period",
+        type=float,
+        help="seconds in-flight requests get when stopping " + _config_default("grace_period"),
     )
-    serve.add_argument("--load-timeout", type=float, help="default seconds a model load may take")
+    serve.add_argument(
+        "--load-timeout",
+        type=float,
+        help="default seconds a model load may take "
+        + _config_default("load_timeout", none="none, so no limit"),
+    )
     serve.add_argument(
         "--model",
         action="append",
@@ -166,6 +213,26 @@ def _add_serve(commands: Any) -> None:
         help="load a model at start: the whole model, or with :S1:S2 the trunk of layers "
         "[S1, S2); repeat for several models",
     )
+
+
+def _config_default(name: str, *, none: str = "none", mebibytes: bool = False) -> str:
+    """Return ``"(default VALUE)"`` for a `ServerConfig` field, read from the dataclass.
+
+    Args:
+        name: The field name, for example ``"max_message_bytes"``.
+        none: The text shown when the default is None.
+        mebibytes: Also show the value in MiB, for byte counts.
+    """
+    value = _SERVER_CONFIG_DEFAULTS[name]
+    if value is None:
+        text = none
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+    if mebibytes:
+        text += f", {value / (1 << 20):g} MiB"
+    return f"(default {text})"
 
 
 def _add_models(commands: Any) -> None:
@@ -434,6 +501,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         "max_sessions",
         "max_cached_tokens",
         "max_message_bytes",
+        "max_request_bytes_in_flight",
+        "max_tensor_elements",
         "max_request_tokens",
         "grace_period",
         "load_timeout",

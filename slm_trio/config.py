@@ -218,6 +218,11 @@ class ServerConfig:
         max_compute_workers: Worker threads for forward and backward passes.
         max_message_bytes: The largest request message accepted, in bytes; larger
             ones are rejected before they are buffered.
+        max_request_bytes_in_flight: The budget of request-message bytes that all
+            calls together may hold at once, in bytes. A message that would exceed
+            it is rejected with RESOURCE_EXHAUSTED before it is buffered, except
+            when no other request is in flight, so any message up to
+            ``max_message_bytes`` can still be served on its own.
         max_tensor_elements: The maximum number of elements in one tensor of a request.
         max_request_tokens: The maximum number of tokens (batch rows times new
             positions) in one Forward, Backward or session step. It bounds how long
@@ -239,6 +244,7 @@ class ServerConfig:
     max_load_workers: int = 2
     max_compute_workers: int = 2
     max_message_bytes: int = 64 * 1024 * 1024
+    max_request_bytes_in_flight: int = 256 * 1024 * 1024
     max_tensor_elements: int = 16 * 1024 * 1024
     max_request_tokens: int = 8192
     session_ttl: float = 300.0
@@ -267,6 +273,7 @@ class ServerConfig:
             "max_load_workers",
             "max_compute_workers",
             "max_message_bytes",
+            "max_request_bytes_in_flight",
             "max_tensor_elements",
             "max_request_tokens",
             "max_sessions",

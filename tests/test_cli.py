@@ -192,6 +192,10 @@ def test_serve_config_merges_file_and_flags(tmp_path: Path) -> None:
             "0",
             "--max-request-tokens",
             "512",
+            "--max-request-bytes-in-flight",
+            "1048576",
+            "--max-tensor-elements",
+            "4096",
             "--model",
             "b=/b:1:3",
         ]
@@ -200,10 +204,37 @@ def test_serve_config_merges_file_and_flags(tmp_path: Path) -> None:
     assert isinstance(config, ServerConfig)
     assert config.port == 0
     assert config.max_request_tokens == 512
+    assert config.max_request_bytes_in_flight == 1 << 20
+    assert config.max_tensor_elements == 4096
     assert config.max_models == 2
     assert config.session_ttl == 30
     assert [m.model_id for m in config.models] == ["a", "b"]
     assert config.models[1].layers == (1, 3)
+
+
+def test_serve_help_shows_config_defaults() -> None:
+    parser = cli.build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    serve = commands.choices["serve"]
+    defaults = ServerConfig()
+    checked = set()
+    for action in serve._actions:
+        if action.dest in ("help", "config", "model"):
+            continue
+        value = getattr(defaults, action.dest)
+        if value is None:
+            expected_text = "none"
+        elif isinstance(value, float):
+            expected_text = f"{value:g}"
+        else:
+            expected_text = str(value)
+        assert action.help is not None, action.dest
+        assert f"(default {expected_text}" in action.help, action.dest
+        checked.add(action.dest)
+    assert {"max_request_bytes_in_flight", "max_tensor_elements"} <= checked
+    assert "(default 268435456, 256 MiB)" in (
+        serve._option_string_actions["--max-request-bytes-in-flight"].help or ""
+    )
 
 
 def test_serve_config_invalid_flag() -> None:

@@ -82,6 +82,8 @@ def test_server_config_defaults_to_loopback() -> None:
         ("port", -1, "port=-1 is invalid"),
         ("max_models", 0, "max_models=0 is invalid"),
         ("max_message_bytes", 10, "max_message_bytes=10 is too small"),
+        ("max_request_bytes_in_flight", 0, "max_request_bytes_in_flight=0 is invalid"),
+        ("max_request_bytes_in_flight", 1.5, r"max_request_bytes_in_flight=1\.5 is invalid"),
         ("session_ttl", 0, "session_ttl=0 is invalid"),
         ("host", "", "host='' is invalid"),
         ("max_models", True, "max_models=True is invalid"),

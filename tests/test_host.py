@@ -33,7 +33,7 @@ from grpclib.reflection.v1.reflection_grpc import ServerReflectionStub
 from grpclib.reflection.v1.reflection_pb2 import ServerReflectionRequest
 
 from slm_trio._proto.v1 import compute_grpc, compute_pb2, tensor_pb2
-from slm_trio._status_map import ERROR_TYPE_KEY
+from slm_trio._status_map import ERROR_TYPE_KEY, RETRY_AFTER_KEY
 from slm_trio.errors import ConfigError, ModelNotFoundError
 from slm_trio.server._host import GrpcHost, run_in_owner
 from slm_trio.server._status import handle_errors
@@ -147,12 +147,14 @@ async def _forward(port: int, model_id: str, tensor: torch.Tensor) -> torch.Tens
     return decode_tensor(reply.hidden_states, max_elements=1 << 20, name="hidden_states")
 
 
-async def _forward_error(port: int, model_id: str) -> tuple[GRPCError, dict[str, str]]:
+async def _forward_error(
+    port: int, model_id: str, tensor: torch.Tensor | None = None
+) -> tuple[GRPCError, dict[str, str]]:
     """Call Forward expecting an error; return it and the trailing metadata."""
+    if tensor is None:
+        tensor = torch.ones(1)
     async with Channel("127.0.0.1", port) as channel:
-        request = compute_pb2.ForwardRequest(
-            model_id=model_id, hidden_states=encode_tensor(torch.ones(1))
-        )
+        request = compute_pb2.ForwardRequest(model_id=model_id, hidden_states=encode_tensor(tensor))
         try:
             async with compute_grpc.ComputeStub(channel).Forward.open() as stream:
                 await stream.send_message(request, end=True)
@@ -279,6 +281,127 @@ async def test_message_cap_boundary() -> None:
         # One byte longer: the model id grows from "m" to "mm".
         error, _ = await call(_forward_error_with_tensor, host.port, tensor, "mm")
     assert error.status == Status.RESOURCE_EXHAUSTED
+
+
+def _request_bytes(model_id: str, tensor: torch.Tensor) -> int:
+    """Return the size of the Forward request message, as its gRPC prefix declares it."""
+    request = compute_pb2.ForwardRequest(model_id=model_id, hidden_states=encode_tensor(tensor))
+    return request.ByteSize()
+
+
+async def _wait_until(predicate: Callable[[], bool]) -> None:
+    """Poll ``predicate`` until it holds; the caller's `fail_after` bounds the wait."""
+    while not predicate():
+        await anyio.sleep(0.01)
+
+
+async def test_request_budget_rejects_concurrent() -> None:
+    hooks = Hooks()
+    tensor = torch.ones(10_000)  # 40 kB of float32 data
+    held_bytes = _request_bytes("block", tensor)
+    budget = held_bytes + 1000
+    results: dict[str, Any] = {}
+    finished = anyio.Event()
+    async with serving(hooks, max_request_bytes_in_flight=budget) as (host, call, task_group):
+        port = host.port
+
+        async def in_flight() -> None:
+            results["echo"] = await call(_forward, port, "block", tensor)
+            finished.set()
+
+        task_group.start_soon(in_flight)
+        await hooks.entered.wait()
+        assert host.statistics().request_bytes_in_flight == held_bytes
+
+        error, metadata = await call(_forward_error, port, "m", tensor)
+        assert error.status == Status.RESOURCE_EXHAUSTED
+        message = error.message or ""
+        assert f"request message of {_request_bytes('m', tensor)} bytes" in message
+        assert f"{held_bytes} bytes of other request messages are in flight" in message
+        assert f"the server's budget is {budget} bytes" in message
+        assert "retry after 1000 ms or send smaller messages" in message
+        assert metadata[RETRY_AFTER_KEY] == "1000"
+        statistics = host.statistics()
+        assert statistics.rejected_over_budget == 1
+        assert statistics.rejected_oversized == 0
+        assert statistics.request_bytes_in_flight == held_bytes
+
+        hooks.release.set()
+        await finished.wait()
+        assert torch.equal(results["echo"], tensor)
+        assert host.statistics().request_bytes_in_flight == 0
+        # With the first call's bytes released, the same message now fits.
+        assert torch.equal(await call(_forward, port, "m", tensor), tensor)
+        assert host.statistics().rejected_over_budget == 1
+
+
+async def test_request_budget_admits_lone_message() -> None:
+    tensor = torch.ones(10_000)  # 40 kB, larger than the whole budget
+    async with serving(max_request_bytes_in_flight=1024) as (host, call, _):
+        assert torch.equal(await call(_forward, host.port, "m", tensor), tensor)
+        statistics = host.statistics()
+    assert statistics.rejected_over_budget == 0
+    assert statistics.request_bytes_in_flight == 0
+
+
+async def test_request_budget_stream_holds_latest() -> None:
+    # Each step message is below the budget, and ten of them are well above it.
+    step_bytes = compute_pb2.SessionRequest(
+        step=compute_pb2.SessionStep(
+            step_index=9, hidden_states=encode_tensor(torch.full((1, 1, 4), 9))
+        )
+    ).ByteSize()
+    budget = 3 * step_bytes
+    async with serving(max_request_bytes_in_flight=budget) as (host, call, _):
+        replies = await call(_session, host.port, 10)
+        statistics = host.statistics()
+    assert [r.WhichOneof("kind") for r in replies].count("step_result") == 10
+    assert statistics.rejected_over_budget == 0
+    assert statistics.request_bytes_in_flight == 0
+
+
+async def test_request_budget_released_on_failure() -> None:
+    tensor = torch.ones(1000)
+    oversized = torch.ones(300_000)  # 1.2 MB, over the 1 MiB message cap
+    # A budget below one message: a leaked reservation would reject every later call.
+    async with serving(max_request_bytes_in_flight=1024) as (host, call, _):
+        for model_id, status in [
+            ("boom", Status.INTERNAL),
+            ("missing", Status.NOT_FOUND),
+        ]:
+            error, _ = await call(_forward_error, host.port, model_id, tensor)
+            assert error.status == status
+            assert host.statistics().request_bytes_in_flight == 0, model_id
+        error, _ = await call(_forward_error, host.port, "m", oversized)
+        assert error.status == Status.RESOURCE_EXHAUSTED
+        assert torch.equal(await call(_forward, host.port, "m", tensor), tensor)
+        statistics = host.statistics()
+    assert statistics.rejected_oversized == 1
+    assert statistics.request_bytes_in_flight == 0
+
+
+async def test_request_budget_released_on_client_cancel() -> None:
+    hooks = Hooks()
+    tensor = torch.ones(1000)
+    # A budget below one message: a leaked reservation would reject every later call.
+    async with serving(hooks, max_request_bytes_in_flight=1024) as (host, call, task_group):
+        port = host.port
+        client_scope = anyio.CancelScope()
+
+        async def in_flight() -> None:
+            with client_scope:
+                await call(_forward, port, "block", tensor)
+
+        task_group.start_soon(in_flight)
+        await hooks.entered.wait()
+        assert host.statistics().request_bytes_in_flight == _request_bytes("block", tensor)
+
+        client_scope.cancel()
+        await _wait_until(lambda: host.statistics().in_flight == 0)
+        assert hooks.cancelled
+        assert host.statistics().request_bytes_in_flight == 0
+        assert torch.equal(await call(_forward, port, "m", tensor), tensor)
+        assert host.statistics().request_bytes_in_flight == 0
 
 
 async def _forward_error_with_tensor(
@@ -464,6 +587,10 @@ def test_host_repr_and_port() -> None:
         ({"max_message_bytes": 0}, r"max_message_bytes=0 is invalid"),
         ({"max_message_bytes": 1.5}, r"max_message_bytes=1\.5 is invalid"),
         ({"max_message_bytes": 1024, "close_timeout": 0}, r"close_timeout=0 is invalid"),
+        (
+            {"max_message_bytes": 1024, "max_request_bytes_in_flight": 0},
+            r"max_request_bytes_in_flight=0 is invalid",
+        ),
     ],
 )
 def test_host_invalid_options(options: dict[str, Any], pattern: str) -> None:

@@ -19,6 +19,12 @@ The host wraps every method handler it serves:
   prefix declares, so the cap reads the prefix and rejects an oversized message
   with RESOURCE_EXHAUSTED before its body is read. Until then HTTP/2 flow control
   bounds what the server buffers to its stream window (4 MiB by default in grpclib 0.4);
+- a budget of request-message bytes in flight for every service, because the
+  size cap bounds one message but not how many arrive at once. A call reserves a
+  message's declared length when its prefix arrives and keeps it until the call
+  ends or reads its next message. A message that would take the total over the
+  budget is rejected with RESOURCE_EXHAUSTED and a ``retry-after-ms`` hint before
+  its body is read, unless no other request bytes are in flight;
 - for the caller's services (not health or reflection), an in-flight count and a
   gate that rejects new calls with UNAVAILABLE once a stop has begun.
 
@@ -63,6 +69,7 @@ from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
 
 from slm_trio._http2 import TunedH2Protocol
+from slm_trio._status_map import RETRY_AFTER_KEY
 from slm_trio.errors import ConfigError, listen_error
 
 __all__ = ["GrpcHost", "HostStatistics", "Servable", "run_in_owner"]
@@ -76,6 +83,11 @@ _Args = TypeVarTuple("_Args")
 # The gRPC length-prefixed message header: a compressed flag (1 byte) and the
 # message length (4 bytes, big-endian).
 _PREFIX = struct.Struct(">?I")
+
+# The wait suggested to a client whose message did not fit in the budget of
+# request bytes in flight, in milliseconds.
+# NOTE: a fixed estimate. The host does not know when the calls in flight will end.
+_OVER_BUDGET_RETRY_AFTER_MS = 1000
 
 
 class Servable(Protocol):
@@ -92,6 +104,8 @@ class HostStatistics:
     connections: int
     rejected_while_stopping: int
     rejected_oversized: int
+    rejected_over_budget: int
+    request_bytes_in_flight: int
 
 
 # The trio-asyncio loop of the host that runs the current handler, set in each
@@ -141,6 +155,11 @@ class GrpcHost:
         health: The health service, which the caller keeps updating; a default
             one reports SERVING for the whole server.
         max_message_bytes: The largest request message accepted, in bytes.
+        max_request_bytes_in_flight: The budget of request-message bytes that
+            calls on this host may hold at once, in bytes. ``None`` means four
+            times ``max_message_bytes``. A message that would exceed it is
+            rejected with RESOURCE_EXHAUSTED, except when no other request
+            bytes are in flight.
         close_timeout: Seconds that closing waits for cancelled handlers to exit.
         config: grpclib's HTTP/2 settings (flow-control windows, keepalive).
     """
@@ -153,15 +172,14 @@ class GrpcHost:
         port: int = 0,
         health: Health | None = None,
         max_message_bytes: int,
+        max_request_bytes_in_flight: int | None = None,
         close_timeout: float = 5.0,
         config: Configuration | None = None,
     ) -> None:
-        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
-            raise ConfigError(f"max_message_bytes={max_message_bytes!r} is invalid; expected int")
-        if max_message_bytes < 1:
-            raise ConfigError(
-                f"max_message_bytes={max_message_bytes!r} is invalid; expected at least 1 byte"
-            )
+        _check_byte_count("max_message_bytes", max_message_bytes)
+        if max_request_bytes_in_flight is None:
+            max_request_bytes_in_flight = 4 * max_message_bytes
+        _check_byte_count("max_request_bytes_in_flight", max_request_bytes_in_flight)
         if not math.isfinite(close_timeout) or close_timeout <= 0:
             raise ConfigError(
                 f"close_timeout={close_timeout!r} is invalid; expected a positive number of seconds"
@@ -171,6 +189,7 @@ class GrpcHost:
         self._requested_port = port
         self._health = health if health is not None else Health()
         self._max_message_bytes = max_message_bytes
+        self._max_request_bytes_in_flight = max_request_bytes_in_flight
         self._close_timeout = close_timeout
         self._config = config
 
@@ -203,7 +222,12 @@ class GrpcHost:
         runner = self._runner
         if runner is None:
             return HostStatistics(
-                in_flight=0, connections=0, rejected_while_stopping=0, rejected_oversized=0
+                in_flight=0,
+                connections=0,
+                rejected_while_stopping=0,
+                rejected_oversized=0,
+                rejected_over_budget=0,
+                request_bytes_in_flight=0,
             )
         return runner.statistics()
 
@@ -274,6 +298,7 @@ class GrpcHost:
             self._services,
             health=self._health,
             max_message_bytes=self._max_message_bytes,
+            max_request_bytes_in_flight=self._max_request_bytes_in_flight,
             config=self._config,
         )
         self._port = await to_current_library(runner.start)(
@@ -330,6 +355,13 @@ class GrpcHost:
         self.request_stop(grace_period)
         if self._stopped is not None:
             await self._stopped.wait()
+
+
+def _check_byte_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}={value!r} is invalid; expected int")
+    if value < 1:
+        raise ConfigError(f"{name}={value!r} is invalid; expected at least 1 byte")
 
 
 def _call_directly(fn: _F) -> _F:
@@ -390,11 +422,13 @@ class _AsyncioRunner:
         *,
         health: Health,
         max_message_bytes: int,
+        max_request_bytes_in_flight: int,
         config: Configuration | None,
     ) -> None:
         self._services = services
         self._health = health
         self._max_message_bytes = max_message_bytes
+        self._request_budget = _RequestBudget(max_request_bytes_in_flight)
         self._config = config
         self._server: _HostedServer | None = None
         self._stopping = False
@@ -411,6 +445,8 @@ class _AsyncioRunner:
             connections=server.open_connections() if server is not None else 0,
             rejected_while_stopping=self._rejected_while_stopping,
             rejected_oversized=self._rejected_oversized,
+            rejected_over_budget=self._request_budget.rejected,
+            request_bytes_in_flight=self._request_budget.bytes_in_flight,
         )
 
     async def start(self, host: str, port: int, *, under_trio: bool) -> int:
@@ -478,31 +514,44 @@ class _AsyncioRunner:
         async def guarded(stream: Stream[Any, Any]) -> None:
             if self._trio_loop is not None:
                 _TRIO_HOST_LOOP.set(self._trio_loop)
-            self._cap_message_size(stream, name)
-            if not gated:
-                await func(stream)
-                return
-            if self._stopping:
-                self._rejected_while_stopping += 1
-                logger.debug("rpc.rejected_stopping method=%s", name)
-                raise GRPCError(
-                    Status.UNAVAILABLE, "the server is shutting down; retry on another server"
-                )
-            assert self._idle is not None
-            self._in_flight += 1
-            self._idle.clear()
+            reader = self._cap_message_size(stream, name)
             try:
-                await func(stream)
-            except asyncio.CancelledError:
-                if self._stopping:
-                    await self._send_stopped_status(stream, name)
-                raise
+                await self._call_handler(stream, name, func, gated=gated)
             finally:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._idle.set()
+                reader.release_nowait()
 
         return guarded
+
+    async def _call_handler(
+        self,
+        stream: Stream[Any, Any],
+        name: str,
+        func: Callable[[Stream[Any, Any]], Awaitable[None]],
+        *,
+        gated: bool,
+    ) -> None:
+        if not gated:
+            await func(stream)
+            return
+        if self._stopping:
+            self._rejected_while_stopping += 1
+            logger.debug("rpc.rejected_stopping method=%s", name)
+            raise GRPCError(
+                Status.UNAVAILABLE, "the server is shutting down; retry on another server"
+            )
+        assert self._idle is not None
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await func(stream)
+        except asyncio.CancelledError:
+            if self._stopping:
+                await self._send_stopped_status(stream, name)
+            raise
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
     async def _send_stopped_status(self, stream: Stream[Any, Any], method: str) -> None:
         """Tell the client of a call that the stop cancelled to retry elsewhere.
@@ -518,14 +567,20 @@ class _AsyncioRunner:
         except (ProtocolError, h2.exceptions.StreamClosedError) as error:
             logger.debug("rpc.status_not_sent method=%s error=%r", method, error)
 
-    def _cap_message_size(self, stream: Stream[Any, Any], method: str) -> None:
+    def _cap_message_size(self, stream: Stream[Any, Any], method: str) -> _CappedReader:
         h2_stream = stream._stream
         reader = _CappedReader(
-            h2_stream.recv_data, self._max_message_bytes, method=method, on_reject=self._count
+            h2_stream.recv_data,
+            self._max_message_bytes,
+            self._request_budget,
+            stream=stream,
+            method=method,
+            on_reject=self._count,
         )
         # grpclib reads every message as recv_data(5) for the prefix, then
         # recv_data(length) for the body; the reader sits between the two.
         setattr(h2_stream, "recv_data", reader)  # noqa: B010 - assigning to a method
+        return reader
 
     def _count(self) -> None:
         self._rejected_oversized += 1
@@ -539,22 +594,64 @@ class _Mapped:
         return self._mapping
 
 
+class _RequestBudget:
+    """The request-message bytes that the calls on one host have reserved, and their maximum.
+
+    Every method is synchronous, and the host's handlers all run on one asyncio
+    loop, so a check and the reservation that follows it cannot interleave.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes_in_flight = 0
+        self.rejected = 0
+
+    def try_reserve_nowait(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` and return True, or count a rejection and return False."""
+        # An empty budget admits any one message, so a budget smaller than the
+        # message size cap cannot reject a message forever.
+        if self.bytes_in_flight > 0 and self.bytes_in_flight + nbytes > self.max_bytes:
+            self.rejected += 1
+            return False
+        self.bytes_in_flight += nbytes
+        return True
+
+    def release_nowait(self, nbytes: int) -> None:
+        self.bytes_in_flight -= nbytes
+        assert self.bytes_in_flight >= 0, f"released {nbytes} bytes more than were reserved"
+
+
 class _CappedReader:
-    """Replace an h2 stream's ``recv_data`` to reject oversized messages from their prefix."""
+    """Replace an h2 stream's ``recv_data`` to check each message's prefix before its body.
+
+    The reader rejects a message longer than ``max_bytes``, and a message that
+    does not fit in ``budget``. It keeps the budget reservation of the call's
+    latest message until `release_nowait`, which the host calls when the call ends.
+    """
 
     def __init__(
         self,
         read: Callable[[int], Awaitable[bytes]],
         max_bytes: int,
+        budget: _RequestBudget,
         *,
+        stream: Stream[Any, Any],
         method: str,
         on_reject: Callable[[], None],
     ) -> None:
         self._read = read
         self._max_bytes = max_bytes
+        self._budget = budget
+        self._stream = stream
         self._method = method
         self._on_reject = on_reject
         self._next_is_prefix = True
+        self._reserved = 0
+
+    def release_nowait(self) -> None:
+        """Return this call's reserved bytes to the budget."""
+        self._budget.release_nowait(self._reserved)
+        self._reserved = 0
 
     async def __call__(self, size: int) -> bytes:
         if not self._next_is_prefix:
@@ -585,5 +682,42 @@ class _CappedReader:
                 f"request message of {length} bytes is larger than the server's maximum of "
                 f"{self._max_bytes} bytes; send smaller batches",
             )
+        # A streaming handler has finished with its previous message once it reads
+        # the next, so a call keeps the reservation of its latest message only.
+        self.release_nowait()
+        if not self._budget.try_reserve_nowait(length):
+            await self._reject_over_budget(length)
+        self._reserved = length
         self._next_is_prefix = False
         return data
+
+    async def _reject_over_budget(self, length: int) -> None:
+        """End the call with RESOURCE_EXHAUSTED and a retry hint, then raise to stop the handler."""
+        in_flight = self._budget.bytes_in_flight
+        max_in_flight = self._budget.max_bytes
+        logger.info(
+            "rpc.request_budget_exceeded method=%s message_bytes=%d request_bytes_in_flight=%d "
+            "max_request_bytes_in_flight=%d",
+            self._method,
+            length,
+            in_flight,
+            max_in_flight,
+        )
+        message = (
+            f"request message of {length} bytes was rejected because {in_flight} bytes of "
+            f"other request messages are in flight and the server's budget is "
+            f"{max_in_flight} bytes; retry after {_OVER_BUDGET_RETRY_AFTER_MS} ms or send "
+            "smaller messages"
+        )
+        # grpclib sends no custom trailing metadata for a raised GRPCError, so the
+        # status is sent here. grpclib's Stream.__aexit__ then suppresses the
+        # GRPCError raised below, because the trailers are already sent.
+        try:
+            await self._stream.send_trailing_metadata(
+                status=Status.RESOURCE_EXHAUSTED,
+                status_message=message,
+                metadata={RETRY_AFTER_KEY: str(_OVER_BUDGET_RETRY_AFTER_MS)},
+            )
+        except (ProtocolError, h2.exceptions.StreamClosedError) as error:
+            logger.debug("rpc.status_not_sent method=%s error=%r", self._method, error)
+        raise GRPCError(Status.RESOURCE_EXHAUSTED, message)

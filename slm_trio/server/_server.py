@@ -109,7 +109,12 @@ class _ServerBase:
         """Return the gRPC host's counters (in-flight calls, connections, rejections)."""
         if self._host is None:
             return HostStatistics(
-                in_flight=0, connections=0, rejected_while_stopping=0, rejected_oversized=0
+                in_flight=0,
+                connections=0,
+                rejected_while_stopping=0,
+                rejected_oversized=0,
+                rejected_over_budget=0,
+                request_bytes_in_flight=0,
             )
         return self._host.statistics()
 
@@ -168,6 +173,7 @@ class _ServerBase:
                 port=self.config.port,
                 health=self._health(),
                 max_message_bytes=self.config.max_message_bytes,
+                max_request_bytes_in_flight=self.config.max_request_bytes_in_flight,
             )
             self._port = await task_group.start(self._host.serve)
             task_group.start_soon(self.sessions.run_expiry)
