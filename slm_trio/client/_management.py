@@ -1,8 +1,9 @@
-"""The management client: load, unload, list and describe models on a server.
+"""The management client: load, unload, list and describe models on a server, and check health.
 
 Every call has a per-call timeout. List, Describe and Load are retried on UNAVAILABLE errors
 under the client's `RetryPolicy`, because repeating them is harmless: a Load of an id that is
-already loading with the same config joins that load. Unload is not retried.
+already loading with the same config joins that load. Unload is not retried. A health check is
+not retried either, so that it reports the server's state at the time of the call.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from grpclib.health.v1 import health_grpc, health_pb2
+
 from slm_trio._proto.v1 import management_grpc, management_pb2
 from slm_trio.client._connection import Connection, open_connection
 from slm_trio.client._retry import RetryPolicy, call_with_retry
 from slm_trio.client._transport import RemoteModel, remote_model_from_describe
 from slm_trio.config import ModelConfig
-from slm_trio.errors import SlmTrioError
+from slm_trio.errors import ModelNotFoundError, RemoteError, SlmTrioError
 from slm_trio.wire import model_config_to_proto
 
 __all__ = ["ManagementClient", "ModelDescription", "ModelStatus", "open_management_client"]
@@ -99,6 +102,7 @@ class ManagementClient:
     ) -> None:
         self._connection = connection
         self._stub = management_grpc.ManagementStub(connection.channel)
+        self._health_stub = health_grpc.HealthStub(connection.channel)
         self.retry = retry if retry is not None else RetryPolicy()
         self.call_timeout = call_timeout
         self._rng = rng if rng is not None else random.Random()
@@ -207,7 +211,11 @@ class ManagementClient:
         return ModelStatus.from_proto(reply.model)
 
     async def unload_model(self, model_id: str) -> None:
-        """Unload a model once its in-flight requests finish. Not retried.
+        """Unload a model and close its generation sessions. Not retried.
+
+        The server rejects new requests for the model at once, waits for its in-flight
+        requests for at most its ``lease_drain_timeout``, then removes the model and closes
+        its sessions. A generation in progress on the model fails at its next step.
 
         Raises:
             ModelNotFoundError: The server has no model with this id.
@@ -220,6 +228,39 @@ class ManagementClient:
             call_timeout=self.call_timeout,
             name="Management.Unload",
         )
+
+    async def check_health(self, service: str = "") -> str:
+        """Call the standard ``grpc.health.v1.Health/Check`` and return the serving status.
+
+        Args:
+            service: ``""`` for the whole server, or a model id. A model id is SERVING only
+                while that model is READY.
+
+        Returns:
+            The status name: ``"SERVING"``, ``"NOT_SERVING"`` or ``"UNKNOWN"``.
+
+        Raises:
+            ModelNotFoundError: The server has no model or service named ``service``.
+            ServerUnavailableError: The server cannot be reached. Not retried.
+
+        Cancellation: stops the call; nothing changes on the server.
+        """
+        try:
+            reply, _, _ = await self._connection.unary(
+                self._health_stub.Check,
+                health_pb2.HealthCheckRequest(service=service),
+                call_timeout=self.call_timeout,
+                name="Health.Check",
+            )
+        except RemoteError as exc:
+            # The health service sends a plain NOT_FOUND status, which carries no slm_trio
+            # error class in its trailers.
+            if exc.code != "NOT_FOUND":
+                raise
+            raise ModelNotFoundError(
+                f"the server at {self.address} has no model or service named {service!r}"
+            ) from exc
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 @asynccontextmanager
