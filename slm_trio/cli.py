@@ -249,7 +249,9 @@ def _add_models(commands: Any) -> None:
     describe = actions.add_parser("describe", help="show one model's state and architecture")
     describe.set_defaults(command=_models_describe)
     describe.add_argument("model_id", metavar="ID", help="the model's id")
-    unload = actions.add_parser("unload", help="unload a model once its requests finish")
+    unload = actions.add_parser(
+        "unload", help="unload a model after its running requests finish (its sessions are closed)"
+    )
     unload.set_defaults(command=_models_unload)
     unload.add_argument("model_id", metavar="ID", help="the model's id")
     load = actions.add_parser("load", help="load a model or one part of it")
