@@ -167,8 +167,10 @@ def _decode_dtype(code: int, name: str) -> torch.dtype:
 
 def _checked_numel(shape: list[int], *, max_elements: int, max_rank: int, name: str) -> int:
     if len(shape) > max_rank:
+        # The shape is not quoted: a hostile one may have millions of dimensions.
         raise InvalidTensorError(
-            f"{name}.shape={shape!r} has {len(shape)} dimensions; the maximum is {max_rank}"
+            f"{name}.shape has {len(shape)} dimensions (starting {shape[: max_rank + 1]!r}); "
+            f"the maximum is {max_rank}"
         )
     for dim in shape:
         if dim < 0:
