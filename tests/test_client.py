@@ -866,6 +866,24 @@ async def test_grpc_generate_equals_whole_model(tiny: Tiny) -> None:
 
 
 @pytest.mark.anyio
+async def test_grpc_steps_fit_server_limits(tiny: Tiny) -> None:
+    prompt = PROMPT * 3
+    async with (
+        _serve(tiny, max_message_bytes=2048, max_request_tokens=4) as server,
+        open_split_client(
+            "127.0.0.1", server.port, "tiny", checkpoint=tiny.path, load_tokenizer=False
+        ) as client,
+    ):
+        assert client.model.max_message_bytes == 2048
+        assert client.model.max_request_tokens == 4
+        result = await client.generate(prompt, max_new_tokens=6, stop_on_eos=False)
+        # Two rows per step leave 2 positions per step for the prompt of the batch.
+        batch = await client.generate([prompt, prompt[:5]], max_new_tokens=3, stop_on_eos=False)
+    assert result.tokens == tiny.greedy(prompt, 6)
+    assert batch.token_ids[0] == tiny.greedy(prompt, 3)
+
+
+@pytest.mark.anyio
 async def test_grpc_server_restart_continues(tiny: Tiny) -> None:
     stop_first = anyio.Event()
     second_ready = anyio.Event()

@@ -363,6 +363,8 @@ async def test_describe_reports_trunk_facts(tiny_model_dirs: dict[str, Path]) ->
     assert (reply.facts.layer_start, reply.facts.layer_stop) == (1, 3)
     assert reply.facts.num_hidden_layers == 4
     assert reply.facts.hidden_size == 32
+    assert reply.limits.max_message_bytes == ServerConfig().max_message_bytes
+    assert reply.limits.max_request_tokens == ServerConfig().max_request_tokens
 
 
 async def test_list_and_health_answer_during_load() -> None:

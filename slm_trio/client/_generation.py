@@ -73,6 +73,8 @@ class GenerationContext:
     rng: random.Random
     max_step_bytes: int
     resume_sessions: bool
+    # The server's limit on rows times new positions per step, or None for none known.
+    max_step_tokens: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -385,6 +387,8 @@ class _GenerationRun:
         assert session is not None
         rows, length, width = hidden.shape
         chunk = max(1, self._context.max_step_bytes // (rows * width * hidden.element_size()))
+        if self._context.max_step_tokens is not None:
+            chunk = min(chunk, max(1, self._context.max_step_tokens // rows))
         send_mask = not bool(self._mask.all())
         outputs = []
         for start in range(0, length, chunk):

@@ -447,9 +447,18 @@ class SplitClient:
             retry=self.retry,
             call_timeout=self.call_timeout,
             rng=self._rng,
-            max_step_bytes=self._max_step_bytes,
+            max_step_bytes=self._step_bytes(),
             resume_sessions=self._resume_sessions,
+            max_step_tokens=self.model.max_request_tokens,
         )
+
+    def _step_bytes(self) -> int:
+        """Return the hidden-state bytes per session step: ours, bounded by the server's cap."""
+        server_max = self.model.max_message_bytes
+        if server_max is None:
+            return self._max_step_bytes
+        # A quarter of the message stays free for position ids, the mask and the framing.
+        return max(1, min(self._max_step_bytes, server_max * 3 // 4))
 
     def _generation_spec(
         self,

@@ -70,6 +70,10 @@ class RemoteModel:
         layer_range: The layers ``[start, stop)`` the server holds.
         vocab_size: The vocabulary size of the whole model.
         dtype: The torch dtype name of the server's weights, for example ``"float32"``.
+        max_message_bytes: The largest request message the server accepts, in bytes, or
+            None when the server does not say.
+        max_request_tokens: The most tokens (rows times new positions) the server accepts
+            in one request, or None when the server does not say.
     """
 
     model_id: str
@@ -80,6 +84,8 @@ class RemoteModel:
     layer_range: tuple[int, int]
     vocab_size: int
     dtype: str
+    max_message_bytes: int | None = None
+    max_request_tokens: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -487,6 +493,8 @@ def remote_model_from_describe(
         layer_range=(facts.layer_start, facts.layer_stop),
         vocab_size=facts.vocab_size,
         dtype=facts.torch_dtype,
+        max_message_bytes=reply.limits.max_message_bytes or None,
+        max_request_tokens=reply.limits.max_request_tokens or None,
     )
 
 

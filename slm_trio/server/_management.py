@@ -53,11 +53,13 @@ class ManagementService(ManagementBase):
         metrics: ServerMetrics,
         *,
         now: Callable[[], float],
+        limits: management_pb2.ServerLimits | None = None,
     ) -> None:
         self._manager = manager
         self._sessions = sessions
         self._metrics = metrics
         self._now = now
+        self._limits = limits
 
     async def Load(
         self, stream: Stream[management_pb2.LoadRequest, management_pb2.LoadResponse]
@@ -139,6 +141,8 @@ class ManagementService(ManagementBase):
     async def _describe(self, model_id: str) -> management_pb2.DescribeResponse:
         info = self._manager.get_info(model_id)
         response = management_pb2.DescribeResponse(model=model_info_to_proto(info, now=self._now()))
+        if self._limits is not None:
+            response.limits.CopyFrom(self._limits)
         if info.state is ModelState.READY:
             async with self._manager.lease(model_id) as model:
                 response.facts.CopyFrom(model_facts(model))

@@ -41,6 +41,7 @@ import torch
 from anyio.abc import TaskStatus
 from torch import nn
 
+from slm_trio._proto.v1 import management_pb2
 from slm_trio.config import ModelConfig, ServerConfig
 from slm_trio.errors import ConfigError, ModelNotFoundError
 from slm_trio.manager import AsyncModelManager, Loader, ModelInfo, ModelState, Releaser
@@ -395,7 +396,16 @@ class AsyncManagedServer(_ServerBase):
         self.manager.add_listener(metrics.on_manager_event)
         return [
             ComputeService(core, metrics, max_tensor_elements=self.config.max_tensor_elements),
-            ManagementService(self.manager, self.sessions, metrics, now=core.now),
+            ManagementService(
+                self.manager,
+                self.sessions,
+                metrics,
+                now=core.now,
+                limits=management_pb2.ServerLimits(
+                    max_message_bytes=self.config.max_message_bytes,
+                    max_request_tokens=self.config.max_request_tokens,
+                ),
+            ),
         ]
 
     async def _enter_owned(self, task_group: anyio.abc.TaskGroup) -> None:

@@ -143,9 +143,19 @@ class DescribeRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model", "facts")
+    __slots__ = ("model", "facts", "limits")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FACTS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     facts: ModelFacts
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., facts: _Optional[_Union[ModelFacts, _Mapping]] = ...) -> None: ...
+    limits: ServerLimits
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., facts: _Optional[_Union[ModelFacts, _Mapping]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
+
+class ServerLimits(_message.Message):
+    __slots__ = ("max_message_bytes", "max_request_tokens")
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    max_message_bytes: int
+    max_request_tokens: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_request_tokens: _Optional[int] = ...) -> None: ...
