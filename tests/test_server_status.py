@@ -13,7 +13,8 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from slm_trio._status_map import ERROR_TYPE_KEY, RETRY_AFTER_KEY
 from slm_trio.errors import InvalidTensorError, ModelLoadingError, ModelNotFoundError
-from slm_trio.server._status import handle_errors, map_errors
+from slm_trio.server import _status
+from slm_trio.server._status import RejectionLogLimiter, handle_errors, map_errors
 
 
 class FakeStream:
@@ -158,3 +159,34 @@ async def test_no_error_sends_nothing() -> None:
     async with map_errors(stream, method="m"):  # type: ignore[arg-type]
         pass
     assert stream.trailers == []
+
+
+def test_rejection_log_limiter_holds_back_repeats() -> None:
+    limiter = RejectionLogLimiter(10.0)
+    key = ("Compute.Forward", Status.INVALID_ARGUMENT)
+    other = ("Compute.Forward", Status.NOT_FOUND)
+
+    assert limiter.allow_nowait(key, 0.0) == 0
+    assert limiter.allow_nowait(key, 1.0) is None
+    assert limiter.allow_nowait(key, 9.9) is None
+    assert limiter.allow_nowait(other, 5.0) == 0
+    assert limiter.allow_nowait(key, 10.0) == 2
+    assert limiter.allow_nowait(key, 10.5) is None
+
+
+@pytest.mark.anyio
+async def test_rejection_logged_once_at_info(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_status, "_rejections", RejectionLogLimiter(3600.0))
+    caplog.set_level(logging.DEBUG, logger="slm_trio.server._status")
+    for _ in range(3):
+        await _run(FakeStream(), InvalidTensorError("hidden_states has 10 bytes"))
+
+    info = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert len(info) == 1
+    assert "rpc.rejected method=Compute.Forward status=INVALID_ARGUMENT held_back=0" in (
+        info[0].getMessage()
+    )
+    assert "hidden_states has 10 bytes" in info[0].getMessage()
+    assert sum(r.levelno == logging.DEBUG for r in caplog.records) == 2

@@ -16,6 +16,10 @@ Every handler runs inside `map_errors` (or is decorated with `handle_errors`):
 
 An exception group with exactly one exception in it is treated as that exception,
 so a handler whose trio code raised through a nursery still gets a precise status.
+
+A mapped error is logged at INFO as ``rpc.rejected``, at most once per method and
+status every `REJECTION_LOG_INTERVAL` seconds. The next line says how many were
+held back, so a client that repeats a bad request cannot flood the log.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -39,6 +44,9 @@ from slm_trio._status_map import ErrorStatus, status_for_error, truncate_status_
 __all__ = ["handle_errors", "map_errors"]
 
 logger = logging.getLogger(__name__)
+
+# Seconds between two INFO lines for rejections of one method with one status.
+REJECTION_LOG_INTERVAL = 10.0
 
 _Service = TypeVar("_Service")
 _Handler = Callable[[_Service, Any], Awaitable[None]]
@@ -86,12 +94,7 @@ class _ErrorMapper(AbstractAsyncContextManager[None]):
         if reply is None:
             reply = self._internal_error(exc)
         else:
-            logger.debug(
-                "rpc.failed method=%s status=%s error=%r",
-                self._method,
-                reply.status.name,
-                error,
-            )
+            _log_rejection(self._method, reply)
         await self._send(reply)
         return True
 
@@ -134,6 +137,41 @@ def handle_errors(handler: _Handler[_Service]) -> _Handler[_Service]:
             await handler(self, stream)
 
     return wrapper
+
+
+class RejectionLogLimiter:
+    """Allow one log line per key and interval, and count the lines held back."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[tuple[str, Status], float] = {}
+        self._held_back: dict[tuple[str, Status], int] = {}
+
+    def allow_nowait(self, key: tuple[str, Status], now: float) -> int | None:
+        """Return the lines held back since the last one if a line may go out now, else None."""
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held_back[key] = self._held_back.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held_back.pop(key, 0)
+
+
+_rejections = RejectionLogLimiter(REJECTION_LOG_INTERVAL)
+
+
+def _log_rejection(method: str, reply: ErrorStatus) -> None:
+    held_back = _rejections.allow_nowait((method, reply.status), time.monotonic())
+    if held_back is None:
+        logger.debug("rpc.rejected method=%s status=%s", method, reply.status.name)
+        return
+    logger.info(
+        "rpc.rejected method=%s status=%s held_back=%d message=%s",
+        method,
+        reply.status.name,
+        held_back,
+        reply.message[:200],
+    )
 
 
 def _single_exception(exc: Exception) -> Exception:
