@@ -676,6 +676,8 @@ async def test_metrics_endpoint_serves_counters() -> None:
     assert 'slm_trio_models{state="READY"} 1.0' in text
     assert "slm_trio_model_load_seconds_count" in text
     assert "slm_trio_sessions 0.0" in text
+    assert 'slm_trio_sessions_closed_total{reason="reclaimed"} 0.0' in text
+    assert "slm_trio_session_budget_rejections_total 0.0" in text
 
 
 # -- sessions --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from anyio.abc import TaskStatus
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from slm_trio._status_map import status_for_error
@@ -58,7 +58,7 @@ class _StateCollector(Collector):
         self._list_models = list_models
         self._sessions = sessions
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         models = GaugeMetricFamily(
             "slm_trio_models", "Models in the manager's table, by state.", labels=["state"]
         )
@@ -75,6 +75,19 @@ class _StateCollector(Collector):
                 "slm_trio_cached_tokens",
                 "KV-cache tokens held by all sessions.",
                 value=stats.cached_tokens,
+            )
+            closed = CounterMetricFamily(
+                "slm_trio_sessions_closed",
+                "Sessions the server closed on its own, by reason.",
+                labels=["reason"],
+            )
+            closed.add_metric(["expired"], stats.expired)
+            closed.add_metric(["reclaimed"], stats.reclaimed)
+            yield closed
+            yield CounterMetricFamily(
+                "slm_trio_session_budget_rejections",
+                "Session opens and steps rejected for the session limit or the KV-cache budget.",
+                value=stats.rejected_for_budget,
             )
 
 
