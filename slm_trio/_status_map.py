@@ -34,6 +34,7 @@ from slm_trio.errors import (
     ModelLoadError,
     ModelLoadingError,
     ModelNotFoundError,
+    ModelSplitMismatchError,
     ModelUnloadingError,
     RemoteError,
     ServerStartError,
@@ -94,6 +95,8 @@ _STATUS_BY_CLASS: dict[type, Status] = {
     # Raised only while a server starts, so it is never sent to a client.
     ServerStartError: Status.UNAVAILABLE,
     DeadlineExceededError: Status.DEADLINE_EXCEEDED,
+    # The model was reloaded with other layers; the client must describe it again.
+    ModelSplitMismatchError: Status.FAILED_PRECONDITION,
     # The model exists but cannot serve this kind of request.
     UnsupportedRequestError: Status.FAILED_PRECONDITION,
 }

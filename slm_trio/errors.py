@@ -21,6 +21,7 @@ __all__ = [
     "ModelLoadTimeoutError",
     "ModelLoadingError",
     "ModelNotFoundError",
+    "ModelSplitMismatchError",
     "ModelUnloadingError",
     "RemoteError",
     "ServerStartError",
@@ -129,6 +130,14 @@ class ServerUnavailableError(SlmTrioError, ConnectionError):
 
     The connection was refused, reset or closed, so the request may or may not have run.
     Retrying later may succeed.
+    """
+
+
+class ModelSplitMismatchError(SlmTrioError):
+    """Raised when a request was built for other split points than the model now holds.
+
+    The model was reloaded with other layers since the client described it, so the
+    client's own bottom and top parts no longer fit around it. Open a new client.
     """
 
 

@@ -36,6 +36,7 @@ from slm_trio.errors import (
     InvalidTensorError,
     ModelLoadingError,
     ModelNotFoundError,
+    ModelSplitMismatchError,
     ServerUnavailableError,
     SessionError,
     SessionStepError,
@@ -881,6 +882,28 @@ async def test_grpc_steps_fit_server_limits(tiny: Tiny) -> None:
         batch = await client.generate([prompt, prompt[:5]], max_new_tokens=3, stop_on_eos=False)
     assert result.tokens == tiny.greedy(prompt, 6)
     assert batch.token_ids[0] == tiny.greedy(prompt, 3)
+
+
+@pytest.mark.anyio
+async def test_grpc_reload_with_other_split_rejected(tiny: Tiny) -> None:
+    async with (
+        _serve(tiny) as server,
+        open_split_client(
+            "127.0.0.1", server.port, "tiny", checkpoint=tiny.path, load_tokenizer=False
+        ) as client,
+    ):
+        before = await client.generate(PROMPT, max_new_tokens=3)
+        assert before.tokens == tiny.greedy(PROMPT, 3)
+
+        # Reloaded with other split points, the trunk no longer fits the client's parts.
+        await server.manager.reload_model(
+            "tiny",
+            ModelConfig(model_id="tiny", model_path=str(tiny.path), part="trunk", layers=(1, 2)),
+        )
+        with pytest.raises(ModelSplitMismatchError, match=r"holds layers \[1, 2\)"):
+            await client.generate(PROMPT, max_new_tokens=3)
+        with pytest.raises(ModelSplitMismatchError, match=r"built for layers \[1, 3\)"):
+            await client.trunk_forward(torch.zeros(1, 2, 32))
 
 
 @pytest.mark.anyio

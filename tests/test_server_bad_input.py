@@ -326,6 +326,27 @@ CASES = [
         ),
     ),
     case(
+        "forward built for other split points",
+        Status.FAILED_PRECONDITION,
+        "model 'trunk' holds layers [1, 3), but the request was built for layers [0, 2)",
+        unary,
+        "Compute.Forward",
+        forward_request(expected_layers=compute_pb2.LayerRange(start=0, stop=2)),
+    ),
+    case(
+        "session open for other split points",
+        Status.FAILED_PRECONDITION,
+        "built for layers [2, 4)",
+        session,
+        [
+            compute_pb2.SessionRequest(
+                open=compute_pb2.SessionOpen(
+                    model_id="trunk", expected_layers=compute_pb2.LayerRange(start=2, stop=4)
+                )
+            )
+        ],
+    ),
+    case(
         "request over the token limit",
         INVALID,
         f"150 tokens (shape [3, 50, 32]); this server accepts at most {MAX_REQUEST_TOKENS}",

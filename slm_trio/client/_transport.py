@@ -189,12 +189,20 @@ class TrunkTransport(Protocol):
 
 
 class GrpcTrunkTransport:
-    """`TrunkTransport` over a gRPC `Connection` to a slm_trio server."""
+    """`TrunkTransport` over a gRPC `Connection` to a slm_trio server.
+
+    The transport remembers the layers that Describe reported for each model id and
+    sends them with every Forward, Backward and session open of that id. A server whose
+    model was reloaded with other split points then rejects the request with
+    `ModelSplitMismatchError` instead of returning hidden states that do not fit the
+    client's own parts.
+    """
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
         self._compute = compute_grpc.ComputeStub(connection.channel)
         self._management = management_grpc.ManagementStub(connection.channel)
+        self._described_layers: dict[str, tuple[int, int]] = {}
 
     def __repr__(self) -> str:
         return f"<GrpcTrunkTransport {self.address}>"
@@ -219,7 +227,15 @@ class GrpcTrunkTransport:
             call_timeout=call_timeout,
             name="Management.Describe",
         )
-        return remote_model_from_describe(model_id, reply)
+        model = remote_model_from_describe(model_id, reply)
+        # Only the first Describe counts: the client's parts were built for those layers.
+        self._described_layers.setdefault(model_id, model.layer_range)
+        return model
+
+    def _set_expected_layers(self, message: Any, model_id: str) -> None:
+        layers = self._described_layers.get(model_id)
+        if layers is not None:
+            message.expected_layers.start, message.expected_layers.stop = layers
 
     async def open_session(
         self, model_id: str, *, resume_session_id: str | None, call_timeout: float | None
@@ -234,6 +250,7 @@ class GrpcTrunkTransport:
         request = compute_pb2.SessionRequest(open=compute_pb2.SessionOpen(model_id=model_id))
         if resume_session_id is not None:
             request.open.resume_session_id = resume_session_id
+        self._set_expected_layers(request.open, model_id)
         with deadline_as_error(call_timeout, f"opening a session on {self.address}"):
             stream, reply = await self._connection.run(
                 _open_session_stream, self._compute, request, self.address
@@ -269,6 +286,7 @@ class GrpcTrunkTransport:
             model_id=model_id, hidden_states=encode_tensor(hidden_states, name="hidden_states")
         )
         _set_optional_tensors(request, position_ids=position_ids, attention_mask=attention_mask)
+        self._set_expected_layers(request, model_id)
         reply, sent, received = await self._connection.unary(
             self._compute.Forward, request, call_timeout=call_timeout, name="Compute.Forward"
         )
@@ -298,6 +316,7 @@ class GrpcTrunkTransport:
             grad_output=encode_tensor(grad_output, name="grad_output"),
         )
         _set_optional_tensors(request, position_ids=position_ids, attention_mask=attention_mask)
+        self._set_expected_layers(request, model_id)
         reply, sent, received = await self._connection.unary(
             self._compute.Backward, request, call_timeout=call_timeout, name="Compute.Backward"
         )

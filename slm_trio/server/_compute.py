@@ -80,7 +80,12 @@ class ComputeService(ComputeBase):
                 position_ids = self._decode_optional(request, "position_ids")
                 attention_mask = self._decode_optional(request, "attention_mask")
                 output, timing = await run_in_owner(
-                    self._core.forward, request.model_id, hidden, position_ids, attention_mask
+                    self._core.forward,
+                    request.model_id,
+                    hidden,
+                    position_ids,
+                    attention_mask,
+                    _expected_layers(request),
                 )
                 await stream.send_message(
                     compute_pb2.ForwardResponse(
@@ -111,6 +116,7 @@ class ComputeService(ComputeBase):
                     grad_output,
                     position_ids,
                     attention_mask,
+                    _expected_layers(request),
                 )
                 await stream.send_message(
                     compute_pb2.BackwardResponse(
@@ -143,7 +149,9 @@ class ComputeService(ComputeBase):
         resume_id = (
             first.open.resume_session_id if first.open.HasField("resume_session_id") else None
         )
-        session = await run_in_owner(self._core.open_session, model_id, resume_id)
+        session = await run_in_owner(
+            self._core.open_session, model_id, resume_id, _expected_layers(first.open)
+        )
         closed = False
         try:
             await self._serve_session(stream, session, model_id)
@@ -219,3 +227,11 @@ class ComputeService(ComputeBase):
                     server_seconds=time.perf_counter() - started,
                 )
             )
+
+
+def _expected_layers(message: Any) -> tuple[int, int] | None:
+    """Return a request's ``expected_layers`` as ``(start, stop)``, or None when unset."""
+    if not message.HasField("expected_layers"):
+        return None
+    layers = message.expected_layers
+    return int(layers.start), int(layers.stop)

@@ -34,7 +34,11 @@ import sniffio
 import torch
 from torch import nn
 
-from slm_trio.errors import InvalidTensorError, UnsupportedRequestError
+from slm_trio.errors import (
+    InvalidTensorError,
+    ModelSplitMismatchError,
+    UnsupportedRequestError,
+)
 from slm_trio.server._sessions import Session, SessionStore
 from slm_trio.split import ModelPart
 
@@ -102,6 +106,7 @@ class ComputeCore:
         hidden: torch.Tensor,
         position_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
+        expected_layers: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, Timing]:
         """Run the model named ``model_id`` on one batch, without gradients.
 
@@ -112,6 +117,7 @@ class ComputeCore:
         self._check_request_tokens(hidden)
         async with self.target.lease(model_id) as model:
             _check_trunk_like(model, model_id)
+            _check_split(model, model_id, expected_layers)
             _check_context_length(model, model_id, hidden, position_ids, cached=0)
             submitted = time.perf_counter()
             with _stop_on_exit() as stop:
@@ -127,6 +133,7 @@ class ComputeCore:
         grad_output: torch.Tensor,
         position_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
+        expected_layers: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, Timing]:
         """Recompute the forward with gradients and return the gradient of the input.
 
@@ -146,6 +153,7 @@ class ComputeCore:
         self._check_request_tokens(hidden)
         async with self.target.lease(model_id) as model:
             _check_trunk_like(model, model_id)
+            _check_split(model, model_id, expected_layers)
             _check_context_length(model, model_id, hidden, position_ids, cached=0)
             submitted = time.perf_counter()
             with _stop_on_exit() as stop:
@@ -160,7 +168,12 @@ class ComputeCore:
                 )
         return grad_input, Timing(queue_seconds=started - submitted, compute_seconds=seconds)
 
-    async def open_session(self, model_id: str, resume_session_id: str | None) -> Session:
+    async def open_session(
+        self,
+        model_id: str,
+        resume_session_id: str | None,
+        expected_layers: tuple[int, int] | None = None,
+    ) -> Session:
         """Open a new session on a READY model, or resume one by id.
 
         Raises:
@@ -178,6 +191,7 @@ class ComputeCore:
                     "generation sessions need a trunk part (ModelConfig part='trunk')"
                 )
             _check_trunk_like(model, model_id)
+            _check_split(model, model_id, expected_layers)
             return self.sessions.open_nowait(model_id, model, model.new_cache(), now=now)
 
     async def step(
@@ -323,6 +337,19 @@ def _check_context_length(
         f"{cached}, but model {model_id!r} accepts at most {limit} positions "
         "(max_position_embeddings). Open a new session or send fewer tokens"
     )
+
+
+def _check_split(model: Any, model_id: str, expected: tuple[int, int] | None) -> None:
+    """Reject a request built for other split points than the model's part holds."""
+    if expected is None or not isinstance(model, ModelPart):
+        return
+    held = tuple(model.layer_range)
+    if held != expected:
+        raise ModelSplitMismatchError(
+            f"model {model_id!r} holds layers [{held[0]}, {held[1]}), but the request was "
+            f"built for layers [{expected[0]}, {expected[1]}): the model was reloaded with "
+            "other split points. Open a new client so that its parts fit the model"
+        )
 
 
 def _check_trunk_like(model: Any, model_id: str) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from slm_trio._proto.v1 import tensor_pb2 as slm__trio_dot___proto_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n slm_trio/_proto/v1/compute.proto\x12\x0bslm_trio.v1\x1a\x1fslm_trio/_proto/v1/tensor.proto\"U\n\x0cServerTiming\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xa6\x01\n\x0e\x46orwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12*\n\rhidden_states\x18\x02 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12)\n\x0cposition_ids\x18\x03 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12+\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\"h\n\x0f\x46orwardResponse\x12*\n\rhidden_states\x18\x01 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12)\n\x06timing\x18\x02 \x01(\x0b\x32\x19.slm_trio.v1.ServerTiming\"\xd1\x01\n\x0f\x42\x61\x63kwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12*\n\rhidden_states\x18\x02 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12(\n\x0bgrad_output\x18\x03 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12)\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12+\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\"f\n\x10\x42\x61\x63kwardResponse\x12\'\n\ngrad_input\x18\x01 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12)\n\x06timing\x18\x02 \x01(\x0b\x32\x19.slm_trio.v1.ServerTiming\"\x98\x01\n\x0eSessionRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.slm_trio.v1.SessionOpenH\x00\x12(\n\x04step\x18\x02 \x01(\x0b\x32\x18.slm_trio.v1.SessionStepH\x00\x12*\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x19.slm_trio.v1.SessionCloseH\x00\x42\x06\n\x04kind\"\xac\x01\n\x0fSessionResponse\x12,\n\x06opened\x18\x01 \x01(\x0b\x32\x1a.slm_trio.v1.SessionOpenedH\x00\x12\x35\n\x0bstep_result\x18\x02 \x01(\x0b\x32\x1e.slm_trio.v1.SessionStepResultH\x00\x12,\n\x06\x63losed\x18\x03 \x01(\x0b\x32\x1a.slm_trio.v1.SessionClosedH\x00\x42\x06\n\x04kind\"U\n\x0bSessionOpen\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1e\n\x11resume_session_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x14\n\x12_resume_session_id\"O\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\x12\x15\n\rcached_tokens\x18\x03 \x01(\x04\"\xa5\x01\n\x0bSessionStep\x12\x12\n\nstep_index\x18\x01 \x01(\x04\x12*\n\rhidden_states\x18\x02 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12)\n\x0cposition_ids\x18\x03 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12+\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\"\x0e\n\x0cSessionClose\"\x82\x01\n\x11SessionStepResult\x12\x12\n\nstep_index\x18\x01 \x01(\x04\x12*\n\rhidden_states\x18\x02 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12\x15\n\rcached_tokens\x18\x03 \x01(\x04\x12\x16\n\x0eserver_seconds\x18\x04 \x01(\x01\"#\n\rSessionClosed\x12\x12\n\nsession_id\x18\x01 \x01(\t2\xe2\x01\n\x07\x43ompute\x12\x44\n\x07\x46orward\x12\x1b.slm_trio.v1.ForwardRequest\x1a\x1c.slm_trio.v1.ForwardResponse\x12G\n\x08\x42\x61\x63kward\x12\x1c.slm_trio.v1.BackwardRequest\x1a\x1d.slm_trio.v1.BackwardResponse\x12H\n\x07Session\x12\x1b.slm_trio.v1.SessionRequest\x1a\x1c.slm_trio.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n slm_trio/_proto/v1/compute.proto\x12\x0bslm_trio.v1\x1a\x1fslm_trio/_proto/v1/tensor.proto\"U\n\x0cServerTiming\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\")\n\nLayerRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x01(\r\"\xd8\x01\n\x0e\x46orwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12*\n\rhidden_states\x18\x02 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12)\n\x0cposition_ids\x18\x03 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12+\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12\x30\n\x0f\x65xpected_layers\x18\x05 \x01(\x0b\x32\x17.slm_trio.v1.LayerRange\"h\n\x0f\x46orwardResponse\x12*\n\rhidden_states\x18\x01 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12)\n\x06timing\x18\x02 \x01(\x0b\x32\x19.slm_trio.v1.ServerTiming\"\x83\x02\n\x0f\x42\x61\x63kwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12*\n\rhidden_states\x18\x02 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12(\n\x0bgrad_output\x18\x03 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12)\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12+\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12\x30\n\x0f\x65xpected_layers\x18\x06 \x01(\x0b\x32\x17.slm_trio.v1.LayerRange\"f\n\x10\x42\x61\x63kwardResponse\x12\'\n\ngrad_input\x18\x01 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12)\n\x06timing\x18\x02 \x01(\x0b\x32\x19.slm_trio.v1.ServerTiming\"\x98\x01\n\x0eSessionRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.slm_trio.v1.SessionOpenH\x00\x12(\n\x04step\x18\x02 \x01(\x0b\x32\x18.slm_trio.v1.SessionStepH\x00\x12*\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x19.slm_trio.v1.SessionCloseH\x00\x42\x06\n\x04kind\"\xac\x01\n\x0fSessionResponse\x12,\n\x06opened\x18\x01 \x01(\x0b\x32\x1a.slm_trio.v1.SessionOpenedH\x00\x12\x35\n\x0bstep_result\x18\x02 \x01(\x0b\x32\x1e.slm_trio.v1.SessionStepResultH\x00\x12,\n\x06\x63losed\x18\x03 \x01(\x0b\x32\x1a.slm_trio.v1.SessionClosedH\x00\x42\x06\n\x04kind\"\x87\x01\n\x0bSessionOpen\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1e\n\x11resume_session_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x30\n\x0f\x65xpected_layers\x18\x03 \x01(\x0b\x32\x17.slm_trio.v1.LayerRangeB\x14\n\x12_resume_session_id\"O\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\x12\x15\n\rcached_tokens\x18\x03 \x01(\x04\"\xa5\x01\n\x0bSessionStep\x12\x12\n\nstep_index\x18\x01 \x01(\x04\x12*\n\rhidden_states\x18\x02 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12)\n\x0cposition_ids\x18\x03 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12+\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\"\x0e\n\x0cSessionClose\"\x82\x01\n\x11SessionStepResult\x12\x12\n\nstep_index\x18\x01 \x01(\x04\x12*\n\rhidden_states\x18\x02 \x01(\x0b\x32\x13.slm_trio.v1.Tensor\x12\x15\n\rcached_tokens\x18\x03 \x01(\x04\x12\x16\n\x0eserver_seconds\x18\x04 \x01(\x01\"#\n\rSessionClosed\x12\x12\n\nsession_id\x18\x01 \x01(\t2\xe2\x01\n\x07\x43ompute\x12\x44\n\x07\x46orward\x12\x1b.slm_trio.v1.ForwardRequest\x1a\x1c.slm_trio.v1.ForwardResponse\x12G\n\x08\x42\x61\x63kward\x12\x1c.slm_trio.v1.BackwardRequest\x1a\x1d.slm_trio.v1.BackwardResponse\x12H\n\x07Session\x12\x1b.slm_trio.v1.SessionRequest\x1a\x1c.slm_trio.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SERVERTIMING']._serialized_start=82
   _globals['_SERVERTIMING']._serialized_end=167
-  _globals['_FORWARDREQUEST']._serialized_start=170
-  _globals['_FORWARDREQUEST']._serialized_end=336
-  _globals['_FORWARDRESPONSE']._serialized_start=338
-  _globals['_FORWARDRESPONSE']._serialized_end=442
-  _globals['_BACKWARDREQUEST']._serialized_start=445
-  _globals['_BACKWARDREQUEST']._serialized_end=654
-  _globals['_BACKWARDRESPONSE']._serialized_start=656
-  _globals['_BACKWARDRESPONSE']._serialized_end=758
-  _globals['_SESSIONREQUEST']._serialized_start=761
-  _globals['_SESSIONREQUEST']._serialized_end=913
-  _globals['_SESSIONRESPONSE']._serialized_start=916
-  _globals['_SESSIONRESPONSE']._serialized_end=1088
-  _globals['_SESSIONOPEN']._serialized_start=1090
-  _globals['_SESSIONOPEN']._serialized_end=1175
-  _globals['_SESSIONOPENED']._serialized_start=1177
-  _globals['_SESSIONOPENED']._serialized_end=1256
-  _globals['_SESSIONSTEP']._serialized_start=1259
-  _globals['_SESSIONSTEP']._serialized_end=1424
-  _globals['_SESSIONCLOSE']._serialized_start=1426
-  _globals['_SESSIONCLOSE']._serialized_end=1440
-  _globals['_SESSIONSTEPRESULT']._serialized_start=1443
-  _globals['_SESSIONSTEPRESULT']._serialized_end=1573
-  _globals['_SESSIONCLOSED']._serialized_start=1575
-  _globals['_SESSIONCLOSED']._serialized_end=1610
-  _globals['_COMPUTE']._serialized_start=1613
-  _globals['_COMPUTE']._serialized_end=1839
+  _globals['_LAYERRANGE']._serialized_start=169
+  _globals['_LAYERRANGE']._serialized_end=210
+  _globals['_FORWARDREQUEST']._serialized_start=213
+  _globals['_FORWARDREQUEST']._serialized_end=429
+  _globals['_FORWARDRESPONSE']._serialized_start=431
+  _globals['_FORWARDRESPONSE']._serialized_end=535
+  _globals['_BACKWARDREQUEST']._serialized_start=538
+  _globals['_BACKWARDREQUEST']._serialized_end=797
+  _globals['_BACKWARDRESPONSE']._serialized_start=799
+  _globals['_BACKWARDRESPONSE']._serialized_end=901
+  _globals['_SESSIONREQUEST']._serialized_start=904
+  _globals['_SESSIONREQUEST']._serialized_end=1056
+  _globals['_SESSIONRESPONSE']._serialized_start=1059
+  _globals['_SESSIONRESPONSE']._serialized_end=1231
+  _globals['_SESSIONOPEN']._serialized_start=1234
+  _globals['_SESSIONOPEN']._serialized_end=1369
+  _globals['_SESSIONOPENED']._serialized_start=1371
+  _globals['_SESSIONOPENED']._serialized_end=1450
+  _globals['_SESSIONSTEP']._serialized_start=1453
+  _globals['_SESSIONSTEP']._serialized_end=1618
+  _globals['_SESSIONCLOSE']._serialized_start=1620
+  _globals['_SESSIONCLOSE']._serialized_end=1634
+  _globals['_SESSIONSTEPRESULT']._serialized_start=1637
+  _globals['_SESSIONSTEPRESULT']._serialized_end=1767
+  _globals['_SESSIONCLOSED']._serialized_start=1769
+  _globals['_SESSIONCLOSED']._serialized_end=1804
+  _globals['_COMPUTE']._serialized_start=1807
+  _globals['_COMPUTE']._serialized_end=2033
 # @@protoc_insertion_point(module_scope)

@@ -16,17 +16,27 @@ class ServerTiming(_message.Message):
     total_seconds: float
     def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
+class LayerRange(_message.Message):
+    __slots__ = ("start", "stop")
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    stop: int
+    def __init__(self, start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
+
 class ForwardRequest(_message.Message):
-    __slots__ = ("model_id", "hidden_states", "position_ids", "attention_mask")
+    __slots__ = ("model_id", "hidden_states", "position_ids", "attention_mask", "expected_layers")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LAYERS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     hidden_states: _tensor_pb2.Tensor
     position_ids: _tensor_pb2.Tensor
     attention_mask: _tensor_pb2.Tensor
-    def __init__(self, model_id: _Optional[str] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    expected_layers: LayerRange
+    def __init__(self, model_id: _Optional[str] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expected_layers: _Optional[_Union[LayerRange, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden_states", "timing")
@@ -37,18 +47,20 @@ class ForwardResponse(_message.Message):
     def __init__(self, hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("model_id", "hidden_states", "grad_output", "position_ids", "attention_mask")
+    __slots__ = ("model_id", "hidden_states", "grad_output", "position_ids", "attention_mask", "expected_layers")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LAYERS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     hidden_states: _tensor_pb2.Tensor
     grad_output: _tensor_pb2.Tensor
     position_ids: _tensor_pb2.Tensor
     attention_mask: _tensor_pb2.Tensor
-    def __init__(self, model_id: _Optional[str] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    expected_layers: LayerRange
+    def __init__(self, model_id: _Optional[str] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expected_layers: _Optional[_Union[LayerRange, _Mapping]] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
     __slots__ = ("grad_input", "timing")
@@ -79,12 +91,14 @@ class SessionResponse(_message.Message):
     def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., step_result: _Optional[_Union[SessionStepResult, _Mapping]] = ..., closed: _Optional[_Union[SessionClosed, _Mapping]] = ...) -> None: ...
 
 class SessionOpen(_message.Message):
-    __slots__ = ("model_id", "resume_session_id")
+    __slots__ = ("model_id", "resume_session_id", "expected_layers")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LAYERS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     resume_session_id: str
-    def __init__(self, model_id: _Optional[str] = ..., resume_session_id: _Optional[str] = ...) -> None: ...
+    expected_layers: LayerRange
+    def __init__(self, model_id: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., expected_layers: _Optional[_Union[LayerRange, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id", "ttl_seconds", "cached_tokens")
