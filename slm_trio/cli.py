@@ -582,12 +582,23 @@ async def _models_describe(args: argparse.Namespace) -> int:
         _print_json({"model": status, "facts": facts})
         return 0
     for key, value in status.items():
-        print(f"{key}: {value}")
+        print(f"{key}: {_plain(value)}")
     if facts is not None:
         print("facts:")
         for key, value in facts.items():
-            print(f"  {key}: {value}")
+            print(f"  {key}: {_plain(value)}")
     return 0
+
+
+def _plain(value: Any) -> str:
+    """Format a field for text output: '-' for none, 3 decimals, split points as S1:S2."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return f"{value[0]}:{value[1]}"
+    return str(value)
 
 
 async def _models_load(args: argparse.Namespace) -> int:

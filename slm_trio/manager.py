@@ -650,8 +650,8 @@ class AsyncModelManager:
                 return entry, False
             raise ModelConflictError(
                 f"model {config.model_id!r} is already {entry.state.value} with another config; "
-                "reload it to replace it (reload_model, or a Load request with replace set), "
-                "or unload it first"
+                "reload it to replace it (slm-trio models load --replace, reload_model in "
+                "Python, or a Load request with replace set), or unload it first"
             )
         now = anyio.current_time()
         entry = _Entry(

@@ -289,6 +289,14 @@ async def test_models_commands(tiny_checkpoint: Path, capsys: pytest.CaptureFixt
         assert described["facts"]["layer_range"] == [1, 2]
         assert described["model"]["layers"] == [1, 2]
 
+        code, out, _ = await run("models", "describe", "tiny", "--server", address)
+        assert code == 0
+        lines = out.splitlines()
+        assert "layers: 1:2" in lines
+        assert "reason: -" in lines
+        assert "  layer_range: 1:2" in lines
+        assert not any("None" in line for line in lines)
+
         code, out, _ = await run("models", "unload", "tiny", "--server", address)
         assert code == 0
         assert out.strip() == "tiny: unloaded"
