@@ -8,6 +8,7 @@ runs on its own trio-asyncio loop (see `asyncio_bridge`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -271,6 +272,26 @@ async def test_oversized_rejected_keeps_serving() -> None:
         assert host.statistics().rejected_oversized == 1
         small = torch.arange(4.0)
         assert torch.equal(await call(_forward, host.port, "m", small), small)
+
+
+async def test_oversized_log_lines_limited(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slm_trio.server import _host
+    from slm_trio.server._status import RejectionLogLimiter
+
+    monkeypatch.setattr(_host, "_size_rejections", RejectionLogLimiter(3600.0))
+    caplog.set_level(logging.INFO, logger="slm_trio.server._host")
+    oversized = torch.zeros(2 << 20, dtype=torch.uint8).view(torch.float32)  # 2 MiB of data
+    async with serving(max_message_bytes=1 << 20) as (host, call, _):
+        for _ in range(3):
+            error, _ = await call(_forward_error_with_tensor, host.port, oversized)
+            assert error.status == Status.RESOURCE_EXHAUSTED
+        assert host.statistics().rejected_oversized == 3
+    lines = [r.getMessage() for r in caplog.records if "rpc.message_too_large" in r.getMessage()]
+    assert len(lines) == 1
+    assert "method=/slm_trio.v1.Compute/Forward " in lines[0]
+    assert "held_back=0" in lines[0]
 
 
 async def test_message_cap_boundary() -> None:

@@ -50,6 +50,7 @@ import asyncio
 import logging
 import math
 import struct
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from contextvars import ContextVar
@@ -71,6 +72,7 @@ from grpclib.server import Server, Stream
 from slm_trio._http2 import TunedH2Protocol
 from slm_trio._status_map import RETRY_AFTER_KEY
 from slm_trio.errors import ConfigError, listen_error
+from slm_trio.server._status import REJECTION_LOG_INTERVAL, RejectionLogLimiter
 
 __all__ = ["GrpcHost", "HostStatistics", "Servable", "run_in_owner"]
 
@@ -88,6 +90,10 @@ _PREFIX = struct.Struct(">?I")
 # request bytes in flight, in milliseconds.
 # NOTE: a fixed estimate. The host does not know when the calls in flight will end.
 _OVER_BUDGET_RETRY_AFTER_MS = 1000
+
+# One INFO line per method and kind of size rejection every REJECTION_LOG_INTERVAL
+# seconds, so that a client repeating oversized requests cannot flood the log.
+_size_rejections = RejectionLogLimiter(REJECTION_LOG_INTERVAL)
 
 
 class Servable(Protocol):
@@ -671,12 +677,18 @@ class _CappedReader:
             raise GRPCError(Status.UNIMPLEMENTED, "compressed messages are not supported")
         if length > self._max_bytes:
             self._on_reject()
-            logger.info(
-                "rpc.message_too_large method=%s message_bytes=%d max_message_bytes=%d",
-                self._method,
-                length,
-                self._max_bytes,
+            held_back = _size_rejections.allow_nowait(
+                (f"{self._method} too large", Status.RESOURCE_EXHAUSTED), time.monotonic()
             )
+            if held_back is not None:
+                logger.info(
+                    "rpc.message_too_large method=%s message_bytes=%d max_message_bytes=%d "
+                    "held_back=%d",
+                    self._method,
+                    length,
+                    self._max_bytes,
+                    held_back,
+                )
             raise GRPCError(
                 Status.RESOURCE_EXHAUSTED,
                 f"request message of {length} bytes is larger than the server's maximum of "
@@ -695,14 +707,19 @@ class _CappedReader:
         """End the call with RESOURCE_EXHAUSTED and a retry hint, then raise to stop the handler."""
         in_flight = self._budget.bytes_in_flight
         max_in_flight = self._budget.max_bytes
-        logger.info(
-            "rpc.request_budget_exceeded method=%s message_bytes=%d request_bytes_in_flight=%d "
-            "max_request_bytes_in_flight=%d",
-            self._method,
-            length,
-            in_flight,
-            max_in_flight,
+        held_back = _size_rejections.allow_nowait(
+            (f"{self._method} over budget", Status.RESOURCE_EXHAUSTED), time.monotonic()
         )
+        if held_back is not None:
+            logger.info(
+                "rpc.request_budget_exceeded method=%s message_bytes=%d "
+                "request_bytes_in_flight=%d max_request_bytes_in_flight=%d held_back=%d",
+                self._method,
+                length,
+                in_flight,
+                max_in_flight,
+                held_back,
+            )
         message = (
             f"request message of {length} bytes was rejected because {in_flight} bytes of "
             f"other request messages are in flight and the server's budget is "

@@ -233,7 +233,8 @@ class SessionStore:
         if self._cached_tokens + new_tokens > self.max_cached_tokens:
             self._rejected_for_budget += 1
             raise SessionBudgetError(
-                f"step of {new_tokens} tokens does not fit in the server's KV-cache budget: "
+                f"a step of {new_tokens} new token(s) does not fit in the server's KV-cache "
+                "budget: "
                 f"{self._cached_tokens} of {self.max_cached_tokens} tokens are cached; "
                 "close idle sessions, send shorter prompts or retry later"
             )
