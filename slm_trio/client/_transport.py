@@ -71,9 +71,9 @@ class RemoteModel:
         vocab_size: The vocabulary size of the whole model.
         dtype: The torch dtype name of the server's weights, for example ``"float32"``.
         max_message_bytes: The largest request message the server accepts, in bytes, or
-            None when the server does not say.
+            None when the server does not report it.
         max_request_tokens: The most tokens (rows times new positions) the server accepts
-            in one request, or None when the server does not say.
+            in one request, or None when the server does not report it.
     """
 
     model_id: str
