@@ -900,7 +900,7 @@ async def test_grpc_reload_with_other_split_rejected(tiny: Tiny) -> None:
             "tiny",
             ModelConfig(model_id="tiny", model_path=str(tiny.path), part="trunk", layers=(1, 2)),
         )
-        with pytest.raises(ModelSplitMismatchError, match=r"holds layers \[1, 2\)"):
+        with pytest.raises(ModelSplitMismatchError, match=r"serves layers \[1, 2\)"):
             await client.generate(PROMPT, max_new_tokens=3)
         with pytest.raises(ModelSplitMismatchError, match=r"built for layers \[1, 3\)"):
             await client.trunk_forward(torch.zeros(1, 2, 32))

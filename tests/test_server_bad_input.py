@@ -328,7 +328,7 @@ CASES = [
     case(
         "forward built for other split points",
         Status.FAILED_PRECONDITION,
-        "model 'trunk' holds layers [1, 3), but the request was built for layers [0, 2)",
+        "model 'trunk' serves layers [1, 3), but the request was built for layers [0, 2)",
         unary,
         "Compute.Forward",
         forward_request(expected_layers=compute_pb2.LayerRange(start=0, stop=2)),

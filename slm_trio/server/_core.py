@@ -116,8 +116,7 @@ class ComputeCore:
         _check_hidden(hidden, "hidden_states")
         self._check_request_tokens(hidden)
         async with self.target.lease(model_id) as model:
-            _check_trunk_like(model, model_id)
-            _check_split(model, model_id, expected_layers)
+            _check_model(model, model_id, expected_layers)
             _check_context_length(model, model_id, hidden, position_ids, cached=0)
             submitted = time.perf_counter()
             with _stop_on_exit() as stop:
@@ -152,8 +151,7 @@ class ComputeCore:
             )
         self._check_request_tokens(hidden)
         async with self.target.lease(model_id) as model:
-            _check_trunk_like(model, model_id)
-            _check_split(model, model_id, expected_layers)
+            _check_model(model, model_id, expected_layers)
             _check_context_length(model, model_id, hidden, position_ids, cached=0)
             submitted = time.perf_counter()
             with _stop_on_exit() as stop:
@@ -190,8 +188,7 @@ class ComputeCore:
                     f"model {model_id!r} is a {type(model).__name__}, which keeps no KV cache; "
                     "generation sessions need a trunk part (ModelConfig part='trunk')"
                 )
-            _check_trunk_like(model, model_id)
-            _check_split(model, model_id, expected_layers)
+            _check_model(model, model_id, expected_layers)
             return self.sessions.open_nowait(model_id, model, model.new_cache(), now=now)
 
     async def step(
@@ -339,24 +336,21 @@ def _check_context_length(
     )
 
 
-def _check_split(model: Any, model_id: str, expected: tuple[int, int] | None) -> None:
-    """Reject a request built for other split points than the model's part holds."""
-    if expected is None or not isinstance(model, ModelPart):
+def _check_model(model: Any, model_id: str, expected_layers: tuple[int, int] | None) -> None:
+    """Reject a model that is not a trunk, or a trunk split at other points than expected."""
+    if not isinstance(model, ModelPart):
         return
-    held = tuple(model.layer_range)
-    if held != expected:
-        raise ModelSplitMismatchError(
-            f"model {model_id!r} holds layers [{held[0]}, {held[1]}), but the request was "
-            f"built for layers [{expected[0]}, {expected[1]}): the model was reloaded with "
-            "other split points. Open a new client so that its parts fit the model"
-        )
-
-
-def _check_trunk_like(model: Any, model_id: str) -> None:
-    if isinstance(model, ModelPart) and model.kind != "trunk":
+    if model.kind != "trunk":
         raise UnsupportedRequestError(
             f"model {model_id!r} is a {model.kind} part; the server runs hidden states through "
             "trunk parts only (load it with part='trunk')"
+        )
+    layers = tuple(model.layer_range)
+    if expected_layers is not None and layers != expected_layers:
+        raise ModelSplitMismatchError(
+            f"model {model_id!r} serves layers [{layers[0]}, {layers[1]}), but the request was "
+            f"built for layers [{expected_layers[0]}, {expected_layers[1]}): the model was "
+            "reloaded with other split points. Open a new client so that its parts fit the model"
         )
 
 
