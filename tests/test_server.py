@@ -826,11 +826,11 @@ async def test_busy_port_error_names_address(which: str) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         options: dict[str, Any] = {"port": 0, which: port}
-        what = "gRPC" if which == "port" else "metrics"
+        listener = "gRPC" if which == "port" else "metrics"
         server = AsyncManagedServer(ServerConfig(**options), loader=Models().loader)
 
         with pytest.raises(
-            ServerStartError, match=f"could not listen for {what} on 127.0.0.1:{port}"
+            ServerStartError, match=f"could not listen for {listener} on 127.0.0.1:{port}"
         ):
             async with server:
                 pass

@@ -92,7 +92,7 @@ _PREFIX = struct.Struct(">?I")
 _OVER_BUDGET_RETRY_AFTER_MS = 1000
 
 # One INFO line per method and kind of size rejection every REJECTION_LOG_INTERVAL
-# seconds, so that a client repeating oversized requests cannot flood the log.
+# seconds, so that a client repeating oversized requests adds one line per interval.
 _size_rejections = RejectionLogLimiter(REJECTION_LOG_INTERVAL)
 
 

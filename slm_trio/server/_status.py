@@ -18,8 +18,8 @@ An exception group with exactly one exception in it is treated as that exception
 so a handler whose trio code raised through a nursery still gets a precise status.
 
 A mapped error is logged at INFO as ``rpc.rejected``, at most once per method and
-status every `REJECTION_LOG_INTERVAL` seconds. The next line says how many were
-held back, so a client that repeats a bad request cannot flood the log.
+status every `REJECTION_LOG_INTERVAL` seconds, and the next line counts the ones
+held back. A client that repeats a bad request adds one INFO line per interval.
 """
 
 from __future__ import annotations
